@@ -1,0 +1,40 @@
+"""Shared test fixtures.
+
+Tests marked ``real_data`` read the real datasets from ``$RECSYS_FLOWADAM_DATA``. Locally
+they skip when it is unset; in CI (``RECSYS_FLOWADAM_REQUIRE_REAL_DATA=1``) a skipped
+real-data test fails the session, so CI can never pass without having used the real files.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+REQUIRE_REAL_DATA = os.environ.get("RECSYS_FLOWADAM_REQUIRE_REAL_DATA") == "1"
+_skipped_real: list[str] = []
+
+
+@pytest.fixture(scope="session")
+def real_data_dir() -> Path:
+    """The folder holding the real datasets (ml-100k/, jester-4/, ...)."""
+    value = os.environ.get("RECSYS_FLOWADAM_DATA")
+    if not value or not Path(value).is_dir():
+        if REQUIRE_REAL_DATA:
+            pytest.fail("RECSYS_FLOWADAM_DATA must name the real datasets folder in CI")
+        pytest.skip("RECSYS_FLOWADAM_DATA is not set")
+    return Path(value)
+
+
+def pytest_runtest_logreport(report: pytest.TestReport) -> None:
+    if report.skipped and "real_data" in report.keywords:
+        _skipped_real.append(report.nodeid)
+
+
+def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
+    if REQUIRE_REAL_DATA and _skipped_real:
+        print("\nreal-data tests were skipped, which CI does not allow:")
+        for nodeid in _skipped_real:
+            print(f"  {nodeid}")
+        session.exitstatus = 1
