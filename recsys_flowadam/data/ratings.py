@@ -53,6 +53,7 @@ class Ratings:
     source_files: Mapping[str, str] = field(default_factory=dict)  # file name -> sha256
     source_dir: Path | None = None  # folder the files were read from (canonical split files live there)
     description: str = ""
+    n_duplicates: int = 0  # duplicated (user, item[, context]) rows resolved by the loader's duplicates policy
 
     def __post_init__(self) -> None:
         self.users = np.ascontiguousarray(self.users, dtype=np.int64)
@@ -169,4 +170,5 @@ class Ratings:
             "out_of_scale": self.out_of_scale,
             "has_timestamps": self.timestamps is not None,
             "has_titles": self.item_titles is not None,
+            "n_duplicates": self.n_duplicates,
         }

@@ -1,0 +1,90 @@
+"""`recsys-flowadam data list | fetch | info` in-process."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from recsys_flowadam.cli import main
+from recsys_flowadam.data import DATASETS
+
+U_DATA = "1\t10\t5\t100\n1\t20\t3\t200\n2\t10\t1\t300\n3\t30\t4\t400\n"
+INFO_KEYS = {"name", "n_users", "n_items", "n_ratings", "density", "rating_min", "rating_max", "rating_mean",
+             "out_of_scale"}
+
+
+@pytest.fixture
+def root(tmp_path, monkeypatch):
+    monkeypatch.setenv("RECSYS_FLOWADAM_CACHE", str(tmp_path / "cache"))
+    monkeypatch.delenv("RECSYS_FLOWADAM_DATA", raising=False)
+    (tmp_path / "data" / "ml-100k").mkdir(parents=True)
+    (tmp_path / "data" / "ml-100k" / "u.data").write_text(U_DATA)
+    return tmp_path / "data"
+
+
+def test_list_json_marks_present_datasets(root, capsys):
+    assert main(["data", "list", "--data-dir", str(root), "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    rows = {r["name"]: r for r in out["datasets"]}
+    assert set(rows) == set(DATASETS)
+    assert rows["ml-100k"]["present"] == "yes" and rows["jester-4"]["present"] == "no"
+    assert all(r["licence"] and r["size"] and r["description"] for r in rows.values())
+
+
+def test_list_table(root, capsys):
+    assert main(["data", "list", "--data-dir", str(root)]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    ml = next(l for l in lines if l.startswith("ml-100k "))
+    assert " yes " in ml and next(l for l in lines if l.startswith("ml-25m ")).split()[3] == "no"
+
+
+def test_info_json(root, capsys):
+    assert main(["data", "info", "ml-100k", "--data-dir", str(root), "--json", "--offline"]) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert INFO_KEYS <= set(info)
+    assert (info["name"], info["n_users"], info["n_items"], info["n_ratings"]) == ("ml-100k", 3, 3, 4)
+    assert info["density"] == pytest.approx(4 / 9)
+    assert (info["rating_min"], info["rating_max"], info["rating_mean"]) == (1.0, 5.0, pytest.approx(13 / 4))
+    assert info["out_of_scale"] == 0
+
+
+def test_info_text_with_split_and_synthetic_options(root, capsys):
+    assert main(["data", "info", "ml-100k", "--data-dir", str(root), "--split", "random:0.5,0.25,0.25"]) == 0
+    out = capsys.readouterr().out
+    assert "3 users x 3 items, 4 ratings" in out and '"n_train": 2' in out
+    assert "the official release has 100,000 ratings" in out
+    assert main(["data", "info", "synthetic", "-o", "n_users=7", "-o", "n_items=5", "-o", "rank=2",
+                 "-o", "density=1", "--json"]) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert (info["n_users"], info["n_items"], info["n_ratings"]) == (7, 5, 35)
+
+
+def test_info_clip(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("RECSYS_FLOWADAM_CACHE", str(tmp_path / "cache"))
+    path = tmp_path / "r.csv"
+    path.write_text("u,i,r\na,x,-12\nb,x,3\n")
+    args = ["data", "info", f"csv:{path}", "-o", "scale_min=-20", "-o", "scale_max=20", "--json"]
+    assert main(args) == 0
+    assert json.loads(capsys.readouterr().out)["rating_min"] == -12
+
+
+def test_user_errors_exit_2_without_traceback(root, capsys):
+    assert main(["data", "info", "jester-4", "--data-dir", str(root), "--offline"]) == 2
+    err = capsys.readouterr().err
+    assert "jester-4" in err and "JesterDataset4.zip" in err and "Traceback" not in err
+    assert main(["data", "info", "nope", "--data-dir", str(root)]) == 2
+    assert "unknown dataset 'nope'" in capsys.readouterr().err
+    assert main(["data", "fetch", "nope", "--data-dir", str(root)]) == 2
+    assert main(["data", "info", "synthetic", "-o", "rank"]) == 2
+    (root / "ml-100k" / "u.data").write_text(U_DATA.replace("\t3\t", "\tx\t"))
+    assert main(["data", "info", "ml-100k", "--data-dir", str(root)]) == 2
+    assert "u.data:2: field 'rating' is not a number" in capsys.readouterr().err
+
+
+def test_console_entry_point_runs(root):
+    proc = subprocess.run([sys.executable, "-m", "recsys_flowadam", "data", "list", "--data-dir", str(root)],
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0 and "ml-100k" in proc.stdout
