@@ -1,0 +1,511 @@
+"""FlowAdam: Adam that switches to a clipped gradient flow (an ODE solve) on plateaus and stiff
+regions, then injects the flow's displacement into Adam's first moment.
+
+Layout follows ``torch/optim/adam.py``: a thin :class:`FlowAdam` optimizer keeps per-parameter
+state and calls pure update functions (:func:`gradient_statistics`, :func:`update_ema`,
+:func:`trigger_code`, :func:`inject_momentum`, torch's functional ``adam``). The algorithm,
+per ``step(closure)``:
+
+1. Evaluate the closure: loss and gradient g. n = ||g||, c = ||g - g_prev|| (global 2-norms
+   over all parameters that have a gradient; g_prev is zero at the first step).
+2. n_bar <- beta_s * n_bar + (1 - beta_s) * n, c_bar likewise (both start at the first values).
+3. plateau = n < switch_sensitivity * n_bar; stiff = c > curvature_sensitivity * c_bar.
+   The ODE branch is taken when (plateau or stiff) and the step's 1-based index is greater
+   than ``warmup_steps`` (so with the default 10 the 11th step is the first that may trigger).
+4. ODE branch: integrate d(theta)/dt = -clip(grad L(theta), -ode_clip, ode_clip) from 0 to
+   T = lr * ode_t_scale, re-evaluating the closure at every stage (the gradient of step 1 is
+   reused as the first stage). Then, per parameter with first moment m,
+   v = -(theta_T - theta_0) / lr and, for ``injection="soft"``,
+   s = min(1, 5 ||m|| / (||v|| + 1e-8)), m <- (1 - gamma) m + gamma s v;
+   ``"hard"``: m <- v; ``"none"``: m untouched. Second moment and Adam's step count are
+   untouched, no Adam update. Non-finite values or a failed solve: parameters restored and an
+   Adam step with g taken instead (a *fallback*).
+5. Adam branch: bias-corrected Adam, torch's own functional implementation (fused kernel where
+   the device supports it, else torch's default), so the numbers are torch.optim.Adam's.
+
+Weight decay is decoupled (AdamW style: theta <- theta * (1 - lr * weight_decay)). It is applied
+on every step, on the ODE branch after the flow, so that it does not vanish when the ODE
+branch fires often (preset "B"); the injected velocity v is the flow's displacement only.
+
+Param groups may set their own ``lr``, ``betas``, ``eps``, ``weight_decay``, ``ode_t_scale`` and
+``momentum_blend_gamma``. The trigger and the solve are global (one decision and one ODE over
+all parameters), so the other options must be the same in every group. With groups whose
+T_g = lr_g * ode_t_scale_g differ, the ODE runs to T = max T_g and group g's field is scaled by
+T_g / T, i.e. each group follows the clipped flow up to its own T_g (identical to the plain
+rule when there is one group).
+
+Host synchronisation: during warm-up none; afterwards one ``.item()`` per step (the trigger
+decision), skipped when the triggers are disabled (``switch_sensitivity=0`` and
+``curvature_sensitivity=inf``). ODE steps synchronise more (dopri5's step control, the
+finiteness check); they are dominated by their closure calls anyway.
+
+After an ODE step ``p.grad`` holds the gradient of the last stage evaluated, not of theta_T.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Callable, Iterable, Sequence
+
+import torch
+from torch.optim import Optimizer
+from torch.optim.adam import adam as _functional_adam
+
+from recsys_flowadam.optim.ode import FIXED_METHODS, METHODS, ODEFailure, odeint
+
+__all__ = [
+    "FlowAdam",
+    "PRESETS",
+    "INJECTIONS",
+    "gradient_statistics",
+    "update_ema",
+    "trigger_code",
+    "inject_momentum",
+]
+
+# mode -> (switch_sensitivity, curvature_sensitivity, ode_t_scale). Early releases of the
+# authors' code had B = (0.5, 2.0, 1.0); the current one (used here) has (0.90, 0.1, 0.5).
+PRESETS: dict[str, tuple[float, float, float]] = {"A": (0.40, 3.0, 2.0), "B": (0.90, 0.1, 0.5)}
+INJECTIONS = ("soft", "hard", "none")
+PLATEAU, STIFF = 1, 2  # bits of the trigger code
+
+_GROUP_KEYS = ("lr", "betas", "eps", "weight_decay", "ode_t_scale", "momentum_blend_gamma")
+_GLOBAL_KEYS = (
+    "mode",
+    "switch_sensitivity",
+    "curvature_sensitivity",
+    "ode_method",
+    "ode_steps",
+    "ode_tol",
+    "ode_clip",
+    "injection",
+    "warmup_steps",
+    "stat_beta",
+)
+_COUNTERS = ("steps", "ode_triggers", "plateau_triggers", "stiff_triggers", "ode_evals", "grad_evals", "fallbacks")
+
+Closure = Callable[[], Any]
+
+
+# ---------------------------------------------------------------------------- pure functions
+
+
+def gradient_statistics(
+    grads: Sequence[torch.Tensor], g_prevs: Sequence[torch.Tensor], device: torch.device, dtype: torch.dtype
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Return (||g||, ||g - g_prev||) as 0-dim tensors on ``device`` and set g_prev <- g in place.
+
+    g_prev is reused as the scratch buffer for g_prev - g, so no gradient-sized temporary is
+    allocated: four foreach passes in all.
+    """
+    grads, g_prevs = list(grads), list(g_prevs)
+    norms_g = torch._foreach_norm(grads)
+    torch._foreach_sub_(g_prevs, grads)
+    norms_d = torch._foreach_norm(g_prevs)
+    torch._foreach_copy_(g_prevs, grads)
+    both = torch.stack([x.to(device=device, dtype=dtype) for x in (*norms_g, *norms_d)]).view(2, -1)
+    nc = torch.linalg.vector_norm(both, dim=1)
+    return nc[0], nc[1]
+
+
+def update_ema(avg: torch.Tensor | None, value: torch.Tensor, beta: float) -> torch.Tensor:
+    """avg <- beta * avg + (1 - beta) * value (a new tensor); the first value starts the average."""
+    if avg is None:
+        return value.clone()
+    return avg * beta + value * (1.0 - beta)
+
+
+def trigger_code(
+    n: torch.Tensor, c: torch.Tensor, n_bar: torch.Tensor, c_bar: torch.Tensor, switch: float, curvature: float
+) -> torch.Tensor:
+    """0-dim int tensor: PLATEAU bit if n < switch * n_bar, STIFF bit if c > curvature * c_bar.
+
+    ``curvature = inf`` never fires (inf * c_bar is inf, or nan when c_bar is 0).
+    """
+    plateau = (n < switch * n_bar).to(torch.int32)
+    stiff = (c > curvature * c_bar).to(torch.int32)
+    return plateau * PLATEAU + stiff * STIFF
+
+
+def inject_momentum(
+    exp_avgs: Sequence[torch.Tensor], velocities: Sequence[torch.Tensor], gamma: float, injection: str
+) -> None:
+    """Blend the ODE velocity into Adam's first moment, in place, per parameter tensor.
+
+    soft: s = min(1, 5 ||m|| / (||v|| + 1e-8)), m <- (1 - gamma) m + gamma s v (the cap keeps a
+    long flow from swamping the momentum); hard: m <- v; none: nothing. ``velocities`` may be
+    overwritten.
+    """
+    exp_avgs, velocities = list(exp_avgs), list(velocities)
+    if injection == "none" or not exp_avgs:
+        return
+    if injection == "hard":
+        torch._foreach_copy_(exp_avgs, velocities)
+        return
+    if injection != "soft":
+        raise ValueError(f"injection must be one of {INJECTIONS}, got {injection!r}")
+    m_norms = torch._foreach_norm(exp_avgs)
+    v_norms = torch._foreach_norm(velocities)
+    torch._foreach_add_(v_norms, 1e-8)
+    scale = torch._foreach_div(m_norms, v_norms)
+    torch._foreach_mul_(scale, 5.0)
+    torch._foreach_clamp_max_(scale, 1.0)
+    torch._foreach_mul_(scale, gamma)
+    torch._foreach_mul_(velocities, scale)
+    torch._foreach_mul_(exp_avgs, 1.0 - gamma)
+    torch._foreach_add_(exp_avgs, velocities)
+
+
+# ------------------------------------------------------------------------------ validation
+
+
+def _check_number(name: str, value: Any, *, low: float = 0.0, low_open: bool = False, high: float = math.inf, high_open: bool = False, allow_inf: bool = False) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ValueError(f"{name} must be a number, got {value!r}")
+    value = float(value)
+    if math.isnan(value) or (math.isinf(value) and not allow_inf):
+        raise ValueError(f"{name} must be finite, got {value!r}")
+    if value < low or (low_open and value == low) or value > high or (high_open and value == high):
+        lo, hi = ("(" if low_open else "["), (")" if high_open else "]")
+        raise ValueError(f"{name} must be in {lo}{low}, {high}{hi}, got {value!r}")
+    return value
+
+
+def _check_group(group: dict[str, Any]) -> None:
+    _check_number("lr", group["lr"], low=0.0, low_open=True)
+    betas = group["betas"]
+    if not (isinstance(betas, (tuple, list)) and len(betas) == 2):
+        raise ValueError(f"betas must be a pair of numbers, got {betas!r}")
+    _check_number("betas[0]", betas[0], high=1.0, high_open=True)
+    _check_number("betas[1]", betas[1], high=1.0, high_open=True)
+    _check_number("eps", group["eps"])
+    _check_number("weight_decay", group["weight_decay"])
+    _check_number("ode_t_scale", group["ode_t_scale"], low_open=True)
+    _check_number("momentum_blend_gamma", group["momentum_blend_gamma"], high=1.0)
+
+
+def _fused_ok(params: Iterable[torch.Tensor]) -> bool:
+    from torch.utils._foreach_utils import _get_fused_kernels_supported_devices
+
+    devices = set(_get_fused_kernels_supported_devices())
+    return all(p.device.type in devices and torch.is_floating_point(p) for p in params)
+
+
+# ------------------------------------------------------------------------------- optimizer
+
+
+class FlowAdam(Optimizer):
+    """Adam with an ODE (clipped gradient flow) branch on plateaus and stiff regions.
+
+    See the module docstring for the exact rule. ``mode`` picks the preset
+    (switch_sensitivity, curvature_sensitivity, ode_t_scale): "A" = (0.40, 3.0, 2.0) for
+    stochastic network training, "B" = (0.90, 0.1, 0.5), the default; an explicit value
+    overrides its preset entry. ``switch_sensitivity=0`` and ``curvature_sensitivity=inf``
+    disable the ODE branch (plain AdamW). ``ode_method``: "dopri5" (adaptive,
+    rtol = atol = ``ode_tol``) or fixed-step "euler", "heun", "rk4" with ``ode_steps`` steps.
+    ``step(closure)`` requires a closure that zeroes the gradients, computes the loss, sets
+    ``.grad`` and returns the loss; it is called again at every ODE stage with the parameters
+    moved in place.
+    """
+
+    def __init__(
+        self,
+        params: Iterable[torch.Tensor] | Iterable[dict[str, Any]],
+        lr: float = 1e-3,
+        betas: tuple[float, float] = (0.9, 0.999),
+        eps: float = 1e-8,
+        weight_decay: float = 0.0,
+        mode: str = "B",
+        switch_sensitivity: float | None = None,
+        curvature_sensitivity: float | None = None,
+        ode_t_scale: float | None = None,
+        ode_method: str = "dopri5",
+        ode_steps: int = 1,
+        ode_tol: float = 1e-4,
+        ode_clip: float = 1.0,
+        momentum_blend_gamma: float = 0.5,
+        injection: str = "soft",
+        warmup_steps: int = 10,
+        stat_beta: float = 0.9,
+    ) -> None:
+        if not isinstance(mode, str) or mode.upper() not in PRESETS:
+            raise ValueError(f"mode must be one of {tuple(PRESETS)}, got {mode!r}")
+        mode = mode.upper()
+        p_switch, p_curv, p_scale = PRESETS[mode]
+        switch_sensitivity = p_switch if switch_sensitivity is None else switch_sensitivity
+        curvature_sensitivity = p_curv if curvature_sensitivity is None else curvature_sensitivity
+        ode_t_scale = p_scale if ode_t_scale is None else ode_t_scale
+        if isinstance(lr, torch.Tensor):
+            raise ValueError("lr must be a Python float (FlowAdam needs lr on the host for the ODE horizon)")
+        _check_number("switch_sensitivity", switch_sensitivity, allow_inf=True)
+        _check_number("curvature_sensitivity", curvature_sensitivity, allow_inf=True)
+        if ode_method not in METHODS:
+            raise ValueError(f"ode_method must be one of {METHODS}, got {ode_method!r}")
+        if isinstance(ode_steps, bool) or not isinstance(ode_steps, int) or ode_steps < 1:
+            raise ValueError(f"ode_steps must be a positive integer, got {ode_steps!r}")
+        _check_number("ode_tol", ode_tol, low_open=True)
+        _check_number("ode_clip", ode_clip, low_open=True, allow_inf=True)
+        if injection not in INJECTIONS:
+            raise ValueError(f"injection must be one of {INJECTIONS}, got {injection!r}")
+        if isinstance(warmup_steps, bool) or not isinstance(warmup_steps, int) or warmup_steps < 0:
+            raise ValueError(f"warmup_steps must be a non-negative integer, got {warmup_steps!r}")
+        _check_number("stat_beta", stat_beta, high=1.0, high_open=True)
+        defaults = dict(
+            lr=lr,
+            betas=tuple(betas) if isinstance(betas, (list, tuple)) else betas,
+            eps=eps,
+            weight_decay=weight_decay,
+            ode_t_scale=ode_t_scale,
+            momentum_blend_gamma=momentum_blend_gamma,
+            mode=mode,
+            switch_sensitivity=float(switch_sensitivity),
+            curvature_sensitivity=float(curvature_sensitivity),
+            ode_method=ode_method,
+            ode_steps=ode_steps,
+            ode_tol=float(ode_tol),
+            ode_clip=float(ode_clip),
+            injection=injection,
+            warmup_steps=warmup_steps,
+            stat_beta=float(stat_beta),
+        )
+        self._flow: dict[str, Any] = {k: 0 for k in _COUNTERS}
+        self._flow.update(n_bar=None, c_bar=None)
+        super().__init__(params, defaults)
+
+    # -- groups and state ---------------------------------------------------------------
+
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        """Add a group; per-group keys are validated, global keys must match the defaults."""
+        for key in _GLOBAL_KEYS:
+            if key in param_group and param_group[key] != self.defaults[key]:
+                raise ValueError(
+                    f"{key} is global to FlowAdam (one trigger and one ODE for all parameters); "
+                    f"a param group cannot set it to {param_group[key]!r} (optimizer has {self.defaults[key]!r})"
+                )
+        super().add_param_group(param_group)
+        group = self.param_groups[-1]
+        if isinstance(group["lr"], torch.Tensor):
+            raise ValueError("lr must be a Python float")
+        _check_group(group)
+        for p in group["params"]:
+            if not torch.is_floating_point(p):
+                raise ValueError(f"FlowAdam needs real floating-point parameters, got dtype {p.dtype}")
+        group["fused"] = _fused_ok(group["params"])
+
+    def diagnostics(self) -> dict[str, int]:
+        """Counters since construction: steps, ode_triggers (steps that took the ODE branch,
+        fallbacks included), plateau_triggers / stiff_triggers (each condition counted apart;
+        both may hold in one step), ode_evals (closure calls inside ODE solves), grad_evals
+        (every closure call) and fallbacks (failed solves replaced by an Adam step)."""
+        return {k: int(self._flow[k]) for k in _COUNTERS}
+
+    def state_dict(self) -> dict[str, Any]:
+        """torch's state dict plus a "flowadam" entry: the counters and the EMA statistics."""
+        sd = super().state_dict()
+        flow = {k: int(self._flow[k]) for k in _COUNTERS}
+        for key in ("n_bar", "c_bar"):
+            value = self._flow[key]
+            flow[key] = None if value is None else value.detach().clone()
+        sd["flowadam"] = flow
+        return sd
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Load a state dict made by :meth:`state_dict` (g_prev is per-parameter state)."""
+        if "flowadam" not in state_dict:
+            raise ValueError("not a FlowAdam state dict: the 'flowadam' entry is missing")
+        state_dict = dict(state_dict)
+        flow = dict(state_dict.pop("flowadam"))
+        missing = [k for k in (*_COUNTERS, "n_bar", "c_bar") if k not in flow]
+        if missing:
+            raise ValueError(f"FlowAdam state dict: 'flowadam' lacks {missing}")
+        super().load_state_dict(state_dict)
+        for group in self.param_groups:
+            group["fused"] = _fused_ok(group["params"])
+            for p in group["params"]:  # 'step' must sit on the parameter's device for fused Adam
+                st = self.state.get(p)
+                if st and "step" in st:
+                    st["step"] = self._step_tensor(p, group, st["step"])
+        self._flow = {k: int(flow[k]) for k in _COUNTERS}
+        for key in ("n_bar", "c_bar"):
+            value = flow[key]
+            self._flow[key] = None if value is None else torch.as_tensor(value).detach().clone()
+
+    @staticmethod
+    def _step_tensor(p: torch.Tensor, group: dict[str, Any], value: torch.Tensor | float = 0.0) -> torch.Tensor:
+        # Same placement as torch.optim.Adam: on the device for fused, a host scalar otherwise.
+        if group["fused"]:
+            return torch.as_tensor(value).to(dtype=torch.float32, device=p.device).clone()
+        from torch.optim.optimizer import _get_scalar_dtype
+
+        return torch.as_tensor(value).to(dtype=_get_scalar_dtype(), device="cpu").clone()
+
+    def _param_state(self, p: torch.Tensor, group: dict[str, Any]) -> dict[str, Any]:
+        state = self.state[p]
+        if "step" not in state:
+            state["step"] = self._step_tensor(p, group)
+            state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+            state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+        if "g_prev" not in state:
+            state["g_prev"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+        return state
+
+    # -- the step ---------------------------------------------------------------------
+
+    def _call(self, closure: Closure) -> Any:
+        with torch.enable_grad():
+            loss = closure()
+        self._flow["grad_evals"] += 1
+        return loss
+
+    @staticmethod
+    def _grad_of(p: torch.Tensor) -> torch.Tensor | None:
+        g = p.grad
+        if g is not None and g.is_sparse:
+            raise RuntimeError(
+                "FlowAdam does not support sparse gradients (a parameter of shape "
+                f"{tuple(p.shape)} got one); use dense gradients, e.g. nn.Embedding(sparse=False)"
+            )
+        return g
+
+    @torch.no_grad()
+    def step(self, closure: Closure | None = None) -> Any:  # type: ignore[override]
+        """One FlowAdam step; returns the loss of the first closure evaluation."""
+        if closure is None:
+            raise ValueError(
+                "FlowAdam.step needs a closure (it re-evaluates the loss and gradients at every "
+                "ODE stage): opt.step(closure), where closure zeroes grads, computes the loss, "
+                "sets .grad and returns the loss"
+            )
+        loss = self._call(closure)
+        self._flow["steps"] += 1
+        # Per group: (group, params, grads, states) for the parameters that have a gradient.
+        entries = []
+        for group in self.param_groups:
+            ps, gs, sts = [], [], []
+            for p in group["params"]:
+                g = self._grad_of(p)
+                if g is None:
+                    continue
+                ps.append(p)
+                gs.append(g)
+                sts.append(self._param_state(p, group))
+            if ps:
+                entries.append((group, ps, gs, sts))
+        if not entries:
+            return loss
+        opts = self.param_groups[0]
+        first = entries[0][1][0]
+        stat_device = first.device
+        stat_dtype = first.dtype if first.dtype in (torch.float32, torch.float64) else torch.float32
+        all_grads = [g for e in entries for g in e[2]]
+        g_prevs = [st["g_prev"] for e in entries for st in e[3]]
+        n, c = gradient_statistics(all_grads, g_prevs, stat_device, stat_dtype)
+        beta_s = opts["stat_beta"]
+        self._flow["n_bar"] = update_ema(self._as_stat(self._flow["n_bar"], n), n, beta_s)
+        self._flow["c_bar"] = update_ema(self._as_stat(self._flow["c_bar"], c), c, beta_s)
+
+        switch, curvature = opts["switch_sensitivity"], opts["curvature_sensitivity"]
+        can_trigger = switch > 0.0 or not math.isinf(curvature)
+        code = 0
+        if self._flow["steps"] > opts["warmup_steps"] and can_trigger:
+            code = int(trigger_code(n, c, self._flow["n_bar"], self._flow["c_bar"], switch, curvature).item())
+        if code:
+            self._flow["ode_triggers"] += 1
+            self._flow["plateau_triggers"] += bool(code & PLATEAU)
+            self._flow["stiff_triggers"] += bool(code & STIFF)
+            if self._ode_step(closure, entries, g0=g_prevs):
+                return loss
+            self._flow["fallbacks"] += 1
+            # p.grad now holds a failed stage's gradient; g_prev holds this step's g.
+            offset = 0
+            fixed = []
+            for group, ps, gs, sts in entries:
+                fixed.append((group, ps, g_prevs[offset : offset + len(ps)], sts))
+                offset += len(ps)
+            entries = fixed
+        for group, ps, gs, sts in entries:
+            self._adam(group, ps, gs, sts)
+        return loss
+
+    @staticmethod
+    def _as_stat(avg: torch.Tensor | None, like: torch.Tensor) -> torch.Tensor | None:
+        return None if avg is None else avg.to(device=like.device, dtype=like.dtype)
+
+    @staticmethod
+    def _adam(group: dict[str, Any], ps: list, gs: list, sts: list) -> None:
+        beta1, beta2 = group["betas"]
+        fused = bool(group["fused"])
+        _functional_adam(
+            ps,
+            gs,
+            [st["exp_avg"] for st in sts],
+            [st["exp_avg_sq"] for st in sts],
+            [],
+            [st["step"] for st in sts],
+            foreach=None,
+            fused=fused or None,
+            decoupled_weight_decay=True,
+            amsgrad=False,
+            beta1=beta1,
+            beta2=beta2,
+            lr=group["lr"],
+            weight_decay=group["weight_decay"],
+            eps=group["eps"],
+            maximize=False,
+        )
+
+    def _ode_step(self, closure: Closure, entries: list, g0: list[torch.Tensor]) -> bool:
+        """ODE branch; True on success, False (parameters restored) when the solve failed."""
+        opts = self.param_groups[0]
+        params = [p for e in entries for p in e[1]]
+        horizons = [group["lr"] * group["ode_t_scale"] for group, *_ in entries]
+        t_end = max(horizons)
+        # Field factor per parameter: -T_g / T (exactly -1 for a single group).
+        factors = [-(h / t_end) for (group, ps, *_), h in zip(entries, horizons) for _ in ps]
+        clip = opts["ode_clip"]
+
+        def field(grads: list[torch.Tensor]) -> tuple[torch.Tensor, ...]:
+            out = torch._foreach_clamp_min(grads, -clip)
+            torch._foreach_clamp_max_(out, clip)
+            torch._foreach_mul_(out, factors)
+            return tuple(out)
+
+        def f(t: float, y: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...]:
+            torch._foreach_copy_(params, list(y))
+            self._call(closure)
+            self._flow["ode_evals"] += 1
+            grads = []
+            for p in params:
+                g = self._grad_of(p)
+                grads.append(torch.zeros_like(p) if g is None else g)
+            return field(grads)
+
+        theta0 = tuple(p.detach().clone() for p in params)
+        try:
+            result = odeint(
+                f,
+                theta0,
+                t_end,
+                method=opts["ode_method"],
+                f0=field(list(g0)),
+                steps=opts["ode_steps"],
+                rtol=opts["ode_tol"],
+                atol=opts["ode_tol"],
+            )
+        except ODEFailure:
+            torch._foreach_copy_(params, list(theta0))
+            return False
+        except BaseException:
+            torch._foreach_copy_(params, list(theta0))  # never leave parameters mid-flow
+            raise
+        torch._foreach_copy_(params, list(result.y))
+        offset = 0
+        for group, ps, gs, sts in entries:
+            k = len(ps)
+            v = torch._foreach_sub(list(theta0[offset : offset + k]), list(result.y[offset : offset + k]))
+            torch._foreach_div_(v, group["lr"])
+            inject_momentum([st["exp_avg"] for st in sts], v, group["momentum_blend_gamma"], opts["injection"])
+            if group["weight_decay"] != 0.0:
+                torch._foreach_mul_(ps, 1.0 - group["lr"] * group["weight_decay"])
+            offset += k
+        return True
