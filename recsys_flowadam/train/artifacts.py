@@ -1,0 +1,94 @@
+"""Turning a finished run into an artifact (format v1, written by ``recsys_flowadam.artifact``)."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any, Mapping
+
+import numpy as np
+import torch
+
+from recsys_flowadam.data.ratings import Ratings
+from recsys_flowadam.train.trainer import TrainResult
+
+HISTORY_NAME = "metrics.jsonl"
+
+
+def train_csr(train: Ratings) -> tuple[np.ndarray, np.ndarray]:
+    """CSR row pointer and column indices (items sorted within each user) of the training ratings."""
+    order = np.lexsort((train.items, train.users))
+    counts = np.bincount(train.users, minlength=train.n_users)
+    indptr = np.zeros(train.n_users + 1, dtype=np.int64)
+    np.cumsum(counts, out=indptr[1:])
+    return indptr, train.items[order].astype(np.int64)
+
+
+def _titles(ratings: Ratings) -> list[str | None] | None:
+    if ratings.item_titles is None:
+        return None
+    return [t if isinstance(t, str) else None for t in ratings.item_titles.tolist()]
+
+
+def artifact_payload(
+    result: TrainResult,
+    train: Ratings,
+    *,
+    dataset_name: str,
+    split: str,
+    seed: int,
+    metrics: Mapping[str, Any],
+    train_config: Mapping[str, Any],
+) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
+    """``(tensors, meta)`` for :func:`recsys_flowadam.artifact.save_artifact`."""
+    tensors = {name: t.detach().to("cpu", dtype=torch.float32).numpy() for name, t in result.params.items()}
+    tensors["train_indptr"], tensors["train_items"] = train_csr(train)
+    meta = {
+        "model_type": result.spec.model_type,
+        "rank": result.spec.rank,
+        "n_users": result.spec.n_users,
+        "n_items": result.spec.n_items,
+        "n_contexts": result.spec.n_contexts,
+        "dataset": {"name": dataset_name, "source_files": dict(train.source_files), "split": split, "seed": seed},
+        "rating_scale": {"min": float(train.scale.min), "max": float(train.scale.max)},
+        "global_mean": float(result.global_mean),
+        "prediction_offset": float(result.objective.offset),
+        "user_ids": [str(x) for x in train.user_ids.tolist()],
+        "item_ids": [str(x) for x in train.item_ids.tolist()],
+        "item_titles": _titles(train),
+        "train_config": dict(train_config),
+        "optimizer": {"name": result.config.optimizer,
+                      "params": {"lr": result.config.lr, **result.config.optimizer_kwargs},
+                      "diagnostics": _jsonable(result.diagnostics)},
+        "metrics": _jsonable(dict(metrics)),
+    }
+    return tensors, meta
+
+
+def _jsonable(obj: Any) -> Any:
+    """Plain JSON types only (NaN/inf become null, which strict JSON readers accept)."""
+    if isinstance(obj, dict):
+        return {str(k): _jsonable(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_jsonable(v) for v in obj]
+    if isinstance(obj, (np.generic,)):
+        obj = obj.item()
+    if isinstance(obj, float) and not np.isfinite(obj):
+        return None
+    if obj is None or isinstance(obj, (bool, int, float, str)):
+        return obj
+    return str(obj)
+
+
+def write_history(directory: str | Path, history: list[dict[str, Any]]) -> Path:
+    """The metric history as JSON lines next to the artifact files (atomic)."""
+    path = Path(directory) / HISTORY_NAME
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    with open(tmp, "w", encoding="utf-8") as fh:
+        for record in history:
+            fh.write(json.dumps(_jsonable(record)) + "\n")
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.replace(tmp, path)
+    return path
