@@ -114,6 +114,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     g.add_argument("--no-clip-predictions", dest="clip_predictions", action="store_const", const=False,
                    help="evaluate raw predictions (default: clipped to the rating scale)")
     g.add_argument("--json", action="store_true", help="print one JSON object; no progress bar")
+    g = p.add_argument_group("distributed (under torchrun --nproc_per_node=N -m recsys_flowadam train ...)")
+    g.add_argument("--dist-timeout", type=float, metavar="SECONDS",
+                   help="bound on the rendezvous and on every collective: a dead or stuck rank becomes an "
+                        "error after this long instead of a hang (default 300)")
     p.set_defaults(func=handle)
 
 
@@ -142,7 +146,7 @@ def resolve_settings(args: argparse.Namespace) -> dict[str, Any]:
         settings["optimizer_options"] = {}  # the recipe's options belong to the recipe's optimizer
     for key, value in vars(args).items():
         if value is None or key in ("func", "recipe", "json", "resume", "command", "data_option", "threads",
-                                    "optimizer_option"):
+                                    "optimizer_option", "dist_timeout"):
             continue
         if key in FLOWADAM_FLAGS:
             settings["optimizer_options"][FLOWADAM_FLAGS[key]] = value
@@ -166,16 +170,31 @@ def handle(args: argparse.Namespace) -> int:
         if args.threads < 1:
             raise CLIError("--threads must be >= 1")
         torch.set_num_threads(args.threads)
+    from recsys_flowadam.train import distributed
+
     try:
-        return _run(args, settings)
+        if not distributed.launched_distributed():
+            return _run(args, settings)
+        # one process per rank (torchrun): join the group, train, leave it
+        try:
+            timeout = distributed.DEFAULT_TIMEOUT_S if args.dist_timeout is None else args.dist_timeout
+            dctx = distributed.init_from_env(str(settings["device"]), timeout)
+        except (ValueError, distributed.PeerLostError) as exc:
+            raise CLIError(str(exc)) from None
+        try:
+            return _run(args, settings, quiet=not dctx.is_main)
+        finally:
+            distributed.shutdown()
     finally:
         torch.set_num_threads(threads_before)  # in-process callers (tests) keep their setting
 
 
-def _run(args: argparse.Namespace, settings: dict[str, Any]) -> int:
+def _run(args: argparse.Namespace, settings: dict[str, Any], quiet: bool = False) -> int:
+    """Train and print the summary (``quiet``: print nothing, for ranks other than 0)."""
     from recsys_flowadam.cli import CLIError
 
     from recsys_flowadam.train.checkpoint import CheckpointError
+    from recsys_flowadam.train.distributed import PeerLostError
     from recsys_flowadam.train.config import TrainConfig
     from recsys_flowadam.train.pipeline import DataSettings, train_and_save
     from recsys_flowadam.train.recipes import RecipeError
@@ -200,11 +219,14 @@ def _run(args: argparse.Namespace, settings: dict[str, Any]) -> int:
         data = DataSettings(dataset=settings["dataset"], split=settings["split"], data_dir=settings["data_dir"],
                             offline=settings["offline"], clip_ratings=settings["clip_ratings"],
                             data_options=settings["data_options"], context=settings["context"])
-        summary = train_and_save(data, config, settings["out"], resume=args.resume, progress=not args.json)
-    except (NonFiniteLossError, CheckpointError, RecipeError, DataError) as exc:
+        summary = train_and_save(data, config, settings["out"], resume=args.resume,
+                                 progress=not args.json and not quiet)
+    except (NonFiniteLossError, CheckpointError, RecipeError, DataError, PeerLostError) as exc:
         raise CLIError(str(exc)) from None
     except ValueError as exc:  # bad option values, unknown optimizer/kwargs, model/data mismatch
         raise CLIError(str(exc)) from None
+    if quiet:
+        return 0
     if args.json:
         print(json.dumps(summary))
     else:
@@ -234,8 +256,9 @@ def _print_summary(s: dict[str, Any]) -> None:
     def f(x: Any) -> str:
         return "n/a" if x is None else f"{x:.4f}"
 
-    print(f"{s['dataset']} ({s['split']}, seed {s['seed']}): {s['model']} + {s['optimizer']} on {s['device']} "
-          f"[{s['representation']}]", file=sys.stdout)
+    ranks = f" x {s['world_size']} ranks" if s.get("world_size", 1) > 1 else ""
+    print(f"{s['dataset']} ({s['split']}, seed {s['seed']}): {s['model']} + {s['optimizer']} on "
+          f"{s['device']}{ranks} [{s['representation']}]", file=sys.stdout)
     print(f"  ratings: train {s['n_train']:,}  val {s['n_val']:,}  test {s['n_test']:,}")
     print(f"  steps {s['steps']} (best {s['best_step']}, {s['stopped']}), grad evals {s['grad_evals']}, "
           f"ODE triggers {s['ode_triggers']}, train {s['train_seconds']:.2f} s, total {s['total_seconds']:.2f} s")

@@ -94,18 +94,27 @@ def train_and_save(
     progress: bool = False,
     on_step: Callable[[int], None] | None = None,
 ) -> dict[str, Any]:
-    """The ``train`` command: returns the summary ``--json`` prints."""
+    """The ``train`` command: returns the summary ``--json`` prints.
+
+    Under ``torch.distributed`` every rank trains (on its shard); rank 0 alone evaluates and
+    writes the artifact, the other ranks return ``{"rank": r, "world_size": N, "out": ...}``.
+    """
     from recsys_flowadam.artifact import save_artifact
+    from recsys_flowadam.train.distributed import current as current_distributed
 
     t_start = time.perf_counter()
     out_dir = Path(out) if out is not None else default_out_dir(data.dataset, config.model, config.optimizer)
     ratings, split, edges = load_split(data, config.seed)
     result = train_model(split.train, split.val, config, checkpoint_path=out_dir / CHECKPOINT_NAME,
                          resume=resume, progress=progress, on_step=on_step)
+    dctx = current_distributed()
+    main = dctx is None or dctx.is_main
     device = torch.device(result.device)
     is_cp = config.model == "cp"
     metrics: dict[str, Any] = {"n_train": len(split.train)}
-    if len(split.val):
+    if not main:
+        pass  # rank 0 evaluates
+    elif len(split.val):
         metrics.update(_metric_block("val", evaluate_ratings(result.predictor, split.val, device,
                                                              clip=config.clip_predictions, use_contexts=is_cp)))
     else:
@@ -126,6 +135,8 @@ def train_and_save(
         result.extra["refit"] = {"steps": result.steps, "n_ratings": len(fit_ratings)}
         result.best_step, result.stopped, result.steps = first.best_step, first.stopped, first.steps + result.steps
         metrics["n_train_refit"] = len(fit_ratings)
+    if not main:
+        return {"rank": dctx.rank, "world_size": dctx.world_size, "out": str(out_dir)}
     metrics.update(_metric_block("test", evaluate_ratings(result.predictor, split.test, device,
                                                           clip=config.clip_predictions, use_contexts=is_cp)))
     metrics.update({"steps": result.steps, "best_step": result.best_step, "grad_evals": result.grad_evals,
@@ -152,6 +163,7 @@ def train_and_save(
         "train_seconds": round(result.train_seconds, 4), "total_seconds": round(time.perf_counter() - t_start, 4),
         "device": result.device, "representation": result.representation,
         "resumed_from": result.resumed_from, "refit": bool(result.extra.get("refit")), "out": str(out_dir),
+        "world_size": 1 if dctx is None else dctx.world_size,
     }
 
 
