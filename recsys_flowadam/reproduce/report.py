@@ -1,0 +1,197 @@
+"""Reports: ``<out>/<experiment>.md`` (tables), ``.json`` (every per-seed number) and PNG learning curves.
+
+Files are written atomically (temporary file, then ``os.replace``).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import platform
+import sys
+import tempfile
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+
+def versions() -> dict[str, str]:
+    """Library versions recorded with every report."""
+    import numpy
+    import scipy
+    import torch
+
+    import recsys_flowadam
+
+    out = {"python": sys.version.split()[0], "platform": platform.platform(), "torch": torch.__version__,
+           "numpy": numpy.__version__, "scipy": scipy.__version__, "recsys_flowadam": recsys_flowadam.__version__}
+    try:
+        import pytorch_optimizer
+
+        out["pytorch_optimizer"] = getattr(pytorch_optimizer, "__version__", "unknown")
+    except ImportError:  # pragma: no cover
+        pass
+    return out
+
+
+def _atomic_write(path: Path, data: bytes) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(data)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def _clean(obj: Any) -> Any:
+    """JSON-safe: NaN/inf become null (strict JSON has no NaN)."""
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, dict):
+        return {str(k): _clean(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_clean(v) for v in obj]
+    return obj
+
+
+def _fmt(x: float | None, digits: int = 4) -> str:
+    if x is None or (isinstance(x, float) and not math.isfinite(x)):
+        return "n/a"
+    return f"{x:.{digits}f}"
+
+
+def _fmt_lr(summary: dict[str, Any]) -> str:
+    lr = summary.get("lr")
+    text = "" if lr is None else f"{lr:g}"
+    wd = (summary.get("kwargs") or {}).get("weight_decay")
+    if wd:
+        text += f", wd {wd:g}"
+    return text
+
+
+def scenario_table(sc: dict[str, Any]) -> list[str]:
+    """Markdown table of one scenario's rows."""
+    has_paper = any(row.get("paper") for row in sc["rows"].values())
+    extra = sorted({k[5:] for row in sc["rows"].values() for k in row["summary"] if k.startswith("mean_")})
+    head = ["Optimizer", "lr", f"{sc['metric']} (mean ± std)"] + [f"{k} (mean)" for k in extra]
+    head += (["paper"] if has_paper else []) + ["Wilcoxon vs Adam", "grad evals / run", "steps / run", "wall s / run"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for label, row in sc["rows"].items():
+        s = row["summary"]
+        cells = [label, _fmt_lr(s), f"{_fmt(s['mean'])} ± {_fmt(s['std'])}"]
+        cells += [_fmt(s.get(f"mean_{k}")) for k in extra]
+        if has_paper:
+            cells.append(row.get("paper") or "")
+        div = f" ({s['n_diverged']} diverged)" if s["n_diverged"] else ""
+        cells += [s["wilcoxon"] + div, f"{s['grad_evals']:.0f}", f"{s['steps']:.0f}", f"{s['seconds']:.2f}"]
+        lines.append("| " + " | ".join(cells) + " |")
+    return lines
+
+
+def tuning_lines(sc: dict[str, Any]) -> list[str]:
+    out = []
+    for label, row in sc["rows"].items():
+        if len(row["tuning"]) > 1:
+            pts = ", ".join(f"{t['lr']:g}{_wd(t['kwargs'])}: {_fmt(t['val'])}" for t in row["tuning"])
+            out.append(f"- {label} validation RMSE by lr (first seed): {pts}")
+    return out
+
+
+def _wd(kw: dict[str, Any]) -> str:
+    return f"/wd {kw['weight_decay']:g}" if kw.get("weight_decay") else ""
+
+
+def markdown(result: dict[str, Any]) -> str:
+    """The whole report of one experiment (all protocols run)."""
+    lines = [f"# {result['experiment']}", "", f"Command: `{result['command']}`  ", f"Created: {result['created']}  ",
+             f"Seeds: {result['seeds']}; device {result['device']}", ""]
+    if result.get("notes"):
+        lines += [f"- {n}" for n in result["notes"]] + [""]
+    for proto in result["protocols"]:
+        p = proto["protocol"]
+        lines += [f"## Protocol `{p['name']}`", "", p["summary"], ""]
+        for k, v in p.items():
+            if k not in ("name", "summary", "contenders"):
+                lines.append(f"- {k.replace('_', ' ')}: {v}")
+        lines.append("")
+        for sc in proto["scenarios"]:
+            lines += [f"### {sc['label']}", ""] + scenario_table(sc) + [""]
+            tl = tuning_lines(sc)
+            if tl:
+                lines += tl + [""]
+            for plot in sc.get("plots", []):
+                lines.append(f"![{sc['label']}]({plot})")
+            lines.append("")
+    if result.get("spirals"):
+        sp = result["spirals"]
+        lines += ["## Two-spirals classifier", "", f"{sp['task']}; {sp['steps']} steps, lr {sp['lr']:g}.", "",
+                  "| Optimizer | test accuracy (mean ± std) | paper | grad evals / run | wall s / run |",
+                  "|---|---|---|---|---|"]
+        for label, row in sp["rows"].items():
+            lines.append(f"| {label} | {row['mean']:.3f} ± {row['std']:.3f} | {row['paper']} | "
+                         f"{row['grad_evals']:.0f} | {row['seconds']:.2f} |")
+        lines.append("")
+    lines += ["Std is the sample standard deviation over seeds (ddof=1). Wilcoxon: two-sided signed-rank test "
+              "(scipy.stats.wilcoxon) of the row's per-seed test error against Adam's on the same seeds. "
+              "Wall time counts optimizer steps only, on this machine.", ""]
+    return "\n".join(lines)
+
+
+def plot_scenario(sc: dict[str, Any], path: Path) -> bool:
+    """Test error against gradient evaluations and against wall-clock time (first seed), like the paper's Fig. 3."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    curves = {label: row["runs"][0].get("curve") for label, row in sc["rows"].items() if row["runs"]}
+    curves = {k: v for k, v in curves.items() if v}
+    if not curves:
+        return False
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    for label, curve in curves.items():
+        ys = [c["test"] for c in curve]
+        axes[0].plot([c["grad_evals"] for c in curve], ys, label=label)
+        axes[1].plot([c["seconds"] for c in curve], ys, label=label)
+    for ax, xl in zip(axes, ("gradient evaluations", "wall-clock seconds (optimizer steps)")):
+        ax.set_xlabel(xl)
+        ax.set_ylabel(sc["metric"])
+        ax.set_yscale("log")
+        ax.grid(True, alpha=0.3)
+    axes[0].legend(fontsize=8)
+    fig.suptitle(sc["label"], fontsize=10)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".png")
+    os.close(fd)
+    try:
+        fig.savefig(tmp, dpi=90)
+        os.replace(tmp, path)
+    finally:
+        plt.close(fig)
+        Path(tmp).unlink(missing_ok=True)
+    return True
+
+
+def write_report(result: dict[str, Any], out_dir: str | Path) -> dict[str, Path]:
+    """Write the PNGs, ``<experiment>.json`` and ``<experiment>.md`` under ``out_dir``; return their paths."""
+    out = Path(out_dir)
+    name = result["experiment"]
+    written: dict[str, Path] = {}
+    for proto in result["protocols"]:
+        for sc in proto["scenarios"]:
+            png = out / f"{name}-{proto['protocol']['name']}-{sc['key']}.png"
+            if plot_scenario(sc, png):
+                sc["plots"] = [png.name]
+                written[png.name] = png
+    result.setdefault("created", datetime.now(timezone.utc).isoformat(timespec="seconds"))
+    js = out / f"{name}.json"
+    _atomic_write(js, json.dumps(_clean(result), indent=1, allow_nan=False).encode())
+    md = out / f"{name}.md"
+    _atomic_write(md, markdown(result).encode())
+    written["json"], written["md"] = js, md
+    return written
