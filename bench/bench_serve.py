@@ -32,6 +32,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+from threadpoolctl import threadpool_limits
 
 from recsys_flowadam.artifact import load_artifact
 from recsys_flowadam.serve.scorer import Scorer
@@ -200,6 +201,9 @@ async def bench_model(label: str, artifact: Path, args: argparse.Namespace, *, p
     finally:
         server.stop()
 
+    # the same BLAS thread count as the server's workers (TOPK_THREADS default 1; see serve/app.py),
+    # so the in-process figures measure the same retrieval and do not depend on spare cores
+    blas = threadpool_limits(limits=1, user_api="blas")
     scorer = Scorer(load_artifact(artifact))
     rng = np.random.default_rng(1)
     for name, fn, ids in (("recommend", scorer.recommend, users), ("similar", scorer.similar, trained_items)):
@@ -215,6 +219,7 @@ async def bench_model(label: str, artifact: Path, args: argparse.Namespace, *, p
         for _ in range(10):
             scorer.predict(pu, pi)
         print(f"in-process predict 10,000 pairs: {(time.perf_counter() - t0) / 10 * 1000:.2f} ms")
+    blas.restore_original_limits()
 
 
 async def main_async(args: argparse.Namespace) -> None:
