@@ -9,11 +9,26 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import Iterator
 
 import pytest
 
 REQUIRE_REAL_DATA = os.environ.get("RECSYS_FLOWADAM_REQUIRE_REAL_DATA") == "1"
 _skipped_real: list[str] = []
+
+
+@pytest.fixture(scope="session", autouse=True)
+def private_parsed_cache(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
+    """A fresh parsed-dataset cache for this session (subprocesses inherit it): tests never
+    read or write the user's ~/.cache, and CI exercises the cold-cache parse as a new machine would."""
+    folder = tmp_path_factory.mktemp("parsed-cache")
+    previous = os.environ.get("RECSYS_FLOWADAM_CACHE")
+    os.environ["RECSYS_FLOWADAM_CACHE"] = str(folder)
+    yield folder
+    if previous is None:
+        os.environ.pop("RECSYS_FLOWADAM_CACHE", None)
+    else:
+        os.environ["RECSYS_FLOWADAM_CACHE"] = previous
 
 
 @pytest.fixture(scope="session")
