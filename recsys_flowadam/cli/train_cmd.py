@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from typing import Any
 
@@ -183,6 +184,13 @@ def handle(args: argparse.Namespace) -> int:
             raise CLIError(str(exc)) from None
         try:
             return _run(args, settings, quiet=not dctx.is_main)
+        except CLIError as exc:
+            # After a failed collective the process group cannot be torn down reliably: destroying
+            # it, or the interpreter's own exit, can hang or abort (gloo's threads raised SIGABRT
+            # at exit after a peer hung). Report and leave at once; torchrun sees the exit status.
+            print(f"recsys-flowadam: error: {exc}", file=sys.stderr, flush=True)
+            sys.stdout.flush()
+            os._exit(2)
         finally:
             distributed.shutdown()
     finally:
