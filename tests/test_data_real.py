@@ -71,8 +71,17 @@ def test_jester4_counts_and_out_of_scale(jester4):
     assert clipped.out_of_scale == 0 and clipped.observed_min == -10.0 and clipped.observed_max == 10.0
 
 
-def test_jester4_cache_round_trip(real_data_dir, jester4):
-    again = load_dataset("jester-4", real_data_dir, offline=True)  # served from the parsed cache
+def test_jester4_cache_round_trip(real_data_dir, jester4, monkeypatch):
+    from recsys_flowadam.data import loader
+    from recsys_flowadam.data.paths import resolve_cache_dir
+
+    assert list(resolve_cache_dir().glob("*.npz")), "the first load stored no parsed cache"
+
+    def parsed_again(*args):
+        raise AssertionError("jester-4 was parsed again instead of being served from the cache")
+
+    monkeypatch.setattr(loader, "store", parsed_again)  # a cache miss parses, then stores
+    again = load_dataset("jester-4", real_data_dir, offline=True)
     for field in ("users", "items", "values", "user_ids", "item_ids", "item_titles"):
         np.testing.assert_array_equal(getattr(again, field), getattr(jester4, field))
 
