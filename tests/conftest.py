@@ -31,6 +31,18 @@ def private_parsed_cache(tmp_path_factory: pytest.TempPathFactory) -> Iterator[P
         os.environ["RECSYS_FLOWADAM_CACHE"] = previous
 
 
+@pytest.fixture(scope="module")
+def one_thread() -> Iterator[None]:
+    """One torch thread for the module: the tests' problems are tiny, and intra-op threads only add
+    synchronisation (badly so on a loaded 2-core machine). Restored afterwards."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture(scope="session")
 def real_data_dir() -> Path:
     """The folder holding the real datasets (ml-100k/, jester-4/, ...)."""

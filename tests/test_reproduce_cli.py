@@ -12,12 +12,7 @@ import torch
 from recsys_flowadam.cli import main
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def test_quick_matrix_completion_smoke_writes_parseable_reports(tmp_path, capsys):

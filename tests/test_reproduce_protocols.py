@@ -26,13 +26,7 @@ from recsys_flowadam.reproduce.tasks import full_prediction
 CPU = torch.device("cpu")
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny problems: intra-op threading only adds synchronisation (badly so on a loaded machine)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def tiny(seed: int = 0, with_val: bool = False, **kw):

@@ -146,14 +146,6 @@ def ml100k_split(real_data_dir):
     return _split(str(real_data_dir))
 
 
-@pytest.fixture()
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 @pytest.mark.real_data
 @pytest.mark.slow
 @pytest.mark.parametrize("name", ["adam-sparse", "flowadam-dense"])

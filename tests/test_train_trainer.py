@@ -20,13 +20,7 @@ from recsys_flowadam.train import (
 
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny problems: one torch thread avoids oversubscription on a shared 2-core box."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def low_rank_split(n_users=120, n_items=80, rank=3, density=0.35, noise=0.1, seed=0, offset=3.0,
