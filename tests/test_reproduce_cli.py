@@ -20,9 +20,12 @@ def test_quick_matrix_completion_smoke_writes_parseable_reports(tmp_path, capsys
     rc = main(["reproduce", "matrix-completion", "--quick", "--protocol", "both", "--steps", "30", "--out", str(out),
                "--no-progress"])
     assert rc == 0
-    printed = capsys.readouterr().out
-    assert str(out / "matrix-completion.md") in printed
+    captured = capsys.readouterr()
+    assert str(out / "matrix-completion.md") in captured.out
     data = json.loads((out / "matrix-completion.json").read_text())
+    assert data["wall_seconds"] > sum(r["seconds"] for sc in data["protocols"][0]["scenarios"]
+                                      for row in sc["rows"].values() for r in row["runs"])
+    assert "matrix-completion: 0 min" in captured.err  # a quick run takes seconds
     assert data["experiment"] == "matrix-completion" and data["seeds"] == [0]
     assert data["versions"]["torch"] == torch.__version__
     paper, fair = data["protocols"]
@@ -40,6 +43,7 @@ def test_quick_matrix_completion_smoke_writes_parseable_reports(tmp_path, capsys
     assert frows["Adam (compute-matched)"]["runs"][0]["grad_evals"] == frows["FlowAdam"]["runs"][0]["grad_evals"]
     assert len(frows["Adam"]["tuning"]) == len(frows["FlowAdam"]["tuning"]) >= 2
     md = (out / "matrix-completion.md").read_text()
+    assert "Wall time of the whole experiment:" in md
     assert "## Protocol `paper`" in md and "## Protocol `fair`" in md and "| FlowAdam |" in md
     assert "0.088 ± 0.001" in md  # the paper's figure beside ours
     for proto in ("paper", "fair"):

@@ -6,6 +6,8 @@ Every experiment function takes an :class:`ExperimentOptions` and returns the re
 
 from __future__ import annotations
 
+import sys
+import time
 from dataclasses import dataclass, field, replace
 from functools import partial
 from pathlib import Path
@@ -380,13 +382,26 @@ def run_experiment(name: str, opts: ExperimentOptions, out_dir: str | Path) -> d
     from recsys_flowadam.reproduce.report import write_report
 
     names = list(EXPERIMENTS) if name == "all" else [name]
-    written: dict[str, Path] = {}
     for n in names:
         if n not in EXPERIMENTS:
             raise ValueError(f"unknown experiment {n!r}; choose one of {', '.join(EXPERIMENTS)} or all")
+    written: dict[str, Path] = {}
+    started = time.perf_counter()
+    for n in names:
+        t0 = time.perf_counter()
         result = EXPERIMENTS[n](opts)
+        # the whole experiment (task building, tuning, every run and its curve evaluations), unlike the
+        # per-run figures, which count optimizer steps only; this is what the time budget is about
+        result["wall_seconds"] = round(time.perf_counter() - t0, 1)
         written.update({f"{n}:{k}": v for k, v in write_report(result, out_dir).items()})
+        print(f"{n}: {_minutes(result['wall_seconds'])}", file=sys.stderr, flush=True)
+    if len(names) > 1:
+        print(f"all {len(names)} experiments: {_minutes(time.perf_counter() - started)}", file=sys.stderr, flush=True)
     return written
+
+
+def _minutes(seconds: float) -> str:
+    return f"{int(seconds // 60)} min {seconds % 60:.0f} s"
 
 
 __all__ = ["EXPERIMENTS", "ExperimentOptions", "run_experiment", "LAMBDA"]

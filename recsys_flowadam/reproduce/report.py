@@ -108,7 +108,11 @@ def _wd(kw: dict[str, Any]) -> str:
 def markdown(result: dict[str, Any]) -> str:
     """The whole report of one experiment (all protocols run)."""
     lines = [f"# {result['experiment']}", "", f"Command: `{result['command']}`  ", f"Created: {result['created']}  ",
-             f"Seeds: {result['seeds']}; device {result['device']}", ""]
+             f"Seeds: {result['seeds']}; device {result['device']}  "]
+    if result.get("wall_seconds") is not None:
+        lines.append(f"Wall time of the whole experiment: {result['wall_seconds'] / 60:.1f} min (every protocol, "
+                     "tuning and learning-curve evaluations included)  ")
+    lines.append("")
     if result.get("notes"):
         lines += [f"- {n}" for n in result["notes"]] + [""]
     for proto in result["protocols"]:

@@ -76,7 +76,9 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     for p in paths:
         result = json.loads(Path(p).read_text())
-        print(f"Command: `{result['command']}`\n")
+        wall = result.get("wall_seconds")
+        took = f" ({wall / 60:.1f} min)" if wall is not None else ""
+        print(f"Command: `{result['command']}`{took}\n")
         print(tables(result) + "\n")
     return 0
 
