@@ -105,3 +105,51 @@ def test_movielens_residual_task_fits_biases_only(real_data_dir):
     assert abs(float(task.train.values.mean())) < 0.05  # residuals are centred
     res = run_one(task, RunSpec("adam", 0.01, 1e-5, steps=20), 0)
     assert math.isfinite(res.scores["test"]) and math.isfinite(res.scores["residual"])
+
+
+def _numbers(report_json):
+    """Every per-seed score and evaluation count of a report (wall times and dates left out)."""
+    data = json.loads(report_json.read_text())
+    return [(proto["protocol"]["name"], sc["key"], label, r["seed"], r["lr"], r["grad_evals"], r["scores"])
+            for proto in data["protocols"] for sc in proto["scenarios"] for label, row in sc["rows"].items()
+            for r in row["runs"]]
+
+
+def test_parallel_experiments_write_the_same_numbers_as_one_process(tmp_path):
+    from recsys_flowadam.reproduce import ExperimentOptions
+    from recsys_flowadam.reproduce.experiments import _run_and_write
+    from recsys_flowadam.reproduce.pool import run_parallel
+
+    names = ["robust-factorization", "matrix-completion"]
+    opts = ExperimentOptions(quick=True, steps=15, progress=False)
+    finished = []
+    paths = run_parallel(names, opts, tmp_path / "par", 2, 1, _run_and_write,
+                         lambda n, result: finished.append((n, result["wall_seconds"])))
+    assert sorted(paths) == sorted(names) and sorted(n for n, _ in finished) == sorted(names)
+    assert all(wall > 0 for _, wall in finished)
+    for n in names:
+        _run_and_write(n, opts, tmp_path / "seq")
+        assert _numbers(tmp_path / "par" / f"{n}.json") == _numbers(tmp_path / "seq" / f"{n}.json")
+
+
+def test_a_failing_parallel_experiment_raises_and_the_others_still_write(tmp_path):
+    from recsys_flowadam.data import DataError
+    from recsys_flowadam.reproduce import ExperimentOptions
+    from recsys_flowadam.reproduce.experiments import _run_and_write
+    from recsys_flowadam.reproduce.pool import run_parallel
+
+    opts = ExperimentOptions(quick=True, steps=10, progress=False, data_dir=str(tmp_path / "no-data"),
+                             dataset="jester-4")
+    with pytest.raises(DataError, match="jester-4"):
+        run_parallel(["jester", "robust-factorization"], opts, tmp_path / "out", 2, 1, _run_and_write,
+                     lambda n, result: None)
+    assert (tmp_path / "out" / "robust-factorization.json").is_file()  # started beside jester, so it finished
+
+
+def test_all_checks_the_real_datasets_before_running_anything(tmp_path, capsys):
+    out = tmp_path / "out"
+    rc = main(["reproduce", "all", "--quick", "--jobs", "2", "--data-dir", str(tmp_path / "no-data"),
+               "--out", str(out), "--no-progress"])
+    assert rc == 2 and "jester" in capsys.readouterr().err
+    assert not out.exists()
+    assert main(["reproduce", "all", "--jobs", "0", "--out", str(out)]) == 2

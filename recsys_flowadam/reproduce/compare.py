@@ -45,8 +45,12 @@ def _record(run: RunSpec, seed: int, res, keep_curve: bool) -> dict[str, Any]:
 
 
 def compare(scenarios: list[Scenario], contenders: list[Contender], seeds: list[int], *, steps: int,
-            with_val: bool, eval_every: int = 25, progress: bool = True, desc: str = "") -> list[dict[str, Any]]:
-    """Every contender on every scenario and seed; returns one dict per scenario (rows, tuning, summary)."""
+            with_val: bool, eval_every: int = 25, progress: bool = True, position: int | None = None,
+            desc: str = "") -> list[dict[str, Any]]:
+    """Every contender on every scenario and seed; returns one dict per scenario (rows, tuning, summary).
+
+    ``position``: the progress bar's terminal row (several experiments running at once).
+    """
     from tqdm.auto import tqdm
 
     labels = [c.label for c in contenders]
@@ -56,7 +60,8 @@ def compare(scenarios: list[Scenario], contenders: list[Contender], seeds: list[
                 raise ValueError(f"contender {c.label!r} refers to {ref!r}, which must come before it")
     n_first = sum(max(1, len(c.grid)) for c in contenders)
     total = len(scenarios) * (n_first + (len(seeds) - 1) * len(contenders))
-    bar = tqdm(total=total, desc=desc or "reproduce", unit="run", disable=not progress)
+    bar = tqdm(total=total, desc=desc or "reproduce", unit="run", disable=not progress, position=position,
+               leave=position is None)
     out = []
     try:
         for sc in scenarios:

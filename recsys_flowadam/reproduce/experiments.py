@@ -43,6 +43,7 @@ class ExperimentOptions:
     dataset: str | None = None
     data_dir: str | None = None
     progress: bool = True
+    progress_position: int | None = None  # the progress bar's row (one per worker under --jobs)
     command: str = ""
     extra: dict[str, Any] = field(default_factory=dict)
 
@@ -54,6 +55,10 @@ class ExperimentOptions:
         if self.steps is not None:
             return self.steps
         return quick if self.quick else full
+
+    def bars(self) -> dict[str, Any]:
+        """The progress options of ``compare``."""
+        return {"progress": self.progress, "position": self.progress_position}
 
     def torch_device(self) -> torch.device:
         from recsys_flowadam.train import resolve_device
@@ -72,13 +77,13 @@ def _synthetic_protocols(name: str, opts: ExperimentOptions, scenarios: list[Sce
     for proto in opts.protocols:
         if proto == "paper":
             cont = paper_contenders
-            scen = compare(scenarios, cont, opts.seed_list, steps=steps, with_val=False, progress=opts.progress,
+            scen = compare(scenarios, cont, opts.seed_list, steps=steps, with_val=False, **opts.bars(),
                            desc=f"{name}/paper")
             extra = {"training_data": "all observed entries", "tuning": "none (fixed lr)"}
         else:
             cont = fair_tuned(LAMBDA, quick=opts.quick, extra=extra_fair and not opts.quick, grid=opts.lr_grid)
             shown = [replace(s, paper={}) for s in scenarios]  # the paper's figures belong to its protocol
-            scen = compare(shown, cont, opts.seed_list, steps=steps, with_val=True, progress=opts.progress,
+            scen = compare(shown, cont, opts.seed_list, steps=steps, with_val=True, **opts.bars(),
                            desc=f"{name}/fair")
             extra = {"training_data": "observed entries minus a seeded 10% validation hold-out",
                      "tuning": f"lr grid of {len(cont[0].grid)} points per optimizer, chosen by validation RMSE "
@@ -198,7 +203,7 @@ def _variant_experiment(name: str, opts: ExperimentOptions, scenarios: list[Scen
     for proto in opts.protocols:
         cont = _fixed_rows(opts, proto, flow_rows)
         shown = scenarios if proto == "paper" else [replace(s, paper={}) for s in scenarios]
-        scen = compare(shown, cont, opts.seed_list, steps=steps, with_val=False, progress=opts.progress,
+        scen = compare(shown, cont, opts.seed_list, steps=steps, with_val=False, **opts.bars(),
                        desc=f"{name}/{proto}")
         out.append({"protocol": describe_protocol(proto, cont, steps=steps, lam=LAMBDA, lr=PAPER_LR,
                                                   tuning="none (fixed lr 0.01 for every row)", **SYNTH_DETAILS),
@@ -305,7 +310,7 @@ def _real_protocols(name: str, opts: ExperimentOptions, scenarios: list[Scenario
         grid = opts.lr_grid or (None if opts.quick else REAL_DATA_FAIR_GRID)
         cont = paper_contenders if proto == "paper" else fair_tuned(LAMBDA, quick=opts.quick, lbfgs_evals=steps,
                                                                     grid=grid)
-        scen = compare(scenarios, cont, opts.seed_list, steps=steps, with_val=True, progress=opts.progress,
+        scen = compare(scenarios, cont, opts.seed_list, steps=steps, with_val=True, **opts.bars(),
                        desc=f"{name}/{proto}")
         tuning = ("the issue's grids (sizes differ per optimizer)" if proto == "paper" else
                   f"lr grid of {len(cont[0].grid)} points per optimizer")
@@ -353,7 +358,7 @@ def movielens(opts: ExperimentOptions) -> dict[str, Any]:
     for proto in opts.protocols:
         grid = opts.lr_grid or (None if opts.quick else REAL_DATA_FAIR_GRID)
         cont = paper if proto == "paper" else fair_tuned(LAMBDA, quick=opts.quick, extra=False, grid=grid)
-        res = compare(scen, cont, opts.seed_list, steps=steps, with_val=True, progress=opts.progress,
+        res = compare(scen, cont, opts.seed_list, steps=steps, with_val=True, **opts.bars(),
                       desc=f"movielens/{proto}")
         out.append({"protocol": describe_protocol(
             proto, cont, steps=steps, lam=LAMBDA, dataset=name, split="random 70/10/20 drawn from the seed",
@@ -377,27 +382,58 @@ EXPERIMENTS: dict[str, Callable[[ExperimentOptions], dict[str, Any]]] = {
 }
 
 
-def run_experiment(name: str, opts: ExperimentOptions, out_dir: str | Path) -> dict[str, Path]:
-    """Run one experiment (or ``all``) and write its report(s); returns the written paths."""
+def _run_and_write(name: str, opts: ExperimentOptions, out_dir: str | Path) -> tuple[dict[str, Any], dict[str, Path]]:
+    """One experiment and its report; the result carries its whole wall time."""
     from recsys_flowadam.reproduce.report import write_report
 
+    t0 = time.perf_counter()
+    result = EXPERIMENTS[name](opts)
+    # the whole experiment (task building, tuning, every run and its curve evaluations), unlike the
+    # per-run figures, which count optimizer steps only; this is what the issue's time budget is about
+    result["wall_seconds"] = round(time.perf_counter() - t0, 1)
+    return result, write_report(result, out_dir)
+
+
+def check_data(names: list[str], opts: ExperimentOptions) -> None:
+    """Load the real datasets the experiments need before anything runs, so a missing file fails at once."""
+    from recsys_flowadam.data import load_dataset
+
+    if "jester" in names:
+        load_dataset(_jester_name(opts), opts.data_dir, offline=True, clip=True)
+    if "movielens" in names:
+        load_dataset(opts.dataset or "ml-100k", opts.data_dir, offline=True)
+
+
+def run_experiment(name: str, opts: ExperimentOptions, out_dir: str | Path, *, jobs: int = 1,
+                   threads: int = 1) -> dict[str, Path]:
+    """Run one experiment (or ``all``) and write its report(s); returns the written paths.
+
+    ``jobs`` > 1 runs that many experiments at once in worker processes with ``threads`` torch
+    threads each (see ``pool``); the reports are the same as with one process.
+    """
     names = list(EXPERIMENTS) if name == "all" else [name]
     for n in names:
         if n not in EXPERIMENTS:
             raise ValueError(f"unknown experiment {n!r}; choose one of {', '.join(EXPERIMENTS)} or all")
-    written: dict[str, Path] = {}
-    started = time.perf_counter()
-    for n in names:
-        t0 = time.perf_counter()
-        result = EXPERIMENTS[n](opts)
-        # the whole experiment (task building, tuning, every run and its curve evaluations), unlike the
-        # per-run figures, which count optimizer steps only; this is what the issue's time budget is about
-        result["wall_seconds"] = round(time.perf_counter() - t0, 1)
-        written.update({f"{n}:{k}": v for k, v in write_report(result, out_dir).items()})
+    if len(names) > 1:
+        check_data(names, opts)
+
+    def done(n: str, result: dict[str, Any]) -> None:
         print(f"{n}: {_minutes(result['wall_seconds'])}", file=sys.stderr, flush=True)
+
+    started = time.perf_counter()
+    by_name: dict[str, dict[str, Path]] = {}
+    if jobs > 1 and len(names) > 1:
+        from recsys_flowadam.reproduce.pool import run_parallel
+
+        by_name = run_parallel(names, opts, out_dir, min(jobs, len(names)), threads, _run_and_write, done)
+    else:
+        for n in names:
+            result, by_name[n] = _run_and_write(n, opts, out_dir)
+            done(n, result)
     if len(names) > 1:
         print(f"all {len(names)} experiments: {_minutes(time.perf_counter() - started)}", file=sys.stderr, flush=True)
-    return written
+    return {f"{n}:{k}": v for n in names for k, v in by_name[n].items()}
 
 
 def _minutes(seconds: float) -> str:
