@@ -183,3 +183,14 @@ def test_paper_jester_rows_share_their_baselines_objective():
         matched = rows[f"{label} (compute-matched)"]
         assert matched.lr_from == label and matched.reg == rows[label].reg and matched.kwargs == rows[label].kwargs
     assert len(rows["AdamW"].grid) == 9 and len(rows["Adam"].grid) == 6 and len(rows["FlowAdam"].grid) == 3
+
+
+def test_variant_experiments_fair_protocol_says_what_it_does():
+    from recsys_flowadam.reproduce.experiments import ExperimentOptions, gamma
+
+    result = gamma(ExperimentOptions(quick=True, steps=5, progress=False))
+    paper, fair = (p["protocol"] for p in result["protocols"])
+    assert "lr is tuned" not in fair["summary"] and "fixed lr 0.01, untuned" in fair["summary"]
+    assert {c["l2_in_objective"] for c in fair["contenders"]} == {1e-5}
+    assert all(c["grid_size"] == 1 and c["compute_matched_to"] is None for c in fair["contenders"])
+    assert paper["summary"].startswith("The paper's set-up")

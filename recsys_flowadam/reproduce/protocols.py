@@ -95,9 +95,10 @@ def fair_tuned(lam: float, *, quick: bool = False, lbfgs_evals: int | None = Non
     return out
 
 
-def describe_protocol(name: str, contenders: list[Contender], **details: Any) -> dict[str, Any]:
-    """The protocol as recorded in the JSON and the report."""
-    text = {
+def describe_protocol(name: str, contenders: list[Contender], *, summary: str | None = None,
+                      **details: Any) -> dict[str, Any]:
+    """The protocol as recorded in the JSON and the report; ``summary`` replaces the protocol's usual text."""
+    text = summary or {
         "paper": "The paper's set-up: Adam minimises the data loss with torch's coupled weight_decay=lambda; "
                  "AdamW the data loss with decoupled weight decay 1e-2; FlowAdam minimises "
                  "loss + lambda*||theta||^2 (twice Adam's regularisation gradient).",
