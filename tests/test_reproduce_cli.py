@@ -132,6 +132,33 @@ def test_parallel_experiments_write_the_same_numbers_as_one_process(tmp_path):
         assert _numbers(tmp_path / "par" / f"{n}.json") == _numbers(tmp_path / "seq" / f"{n}.json")
 
 
+def _wait_for_marker(name, opts, out_dir):
+    """A stand-in experiment for the pool (module level, so spawned workers can import it)."""
+    import time
+    from pathlib import Path
+
+    marker = Path(out_dir) / "fast-reported"
+    deadline = time.monotonic() + (30 if name == "slow" else 0)
+    while name == "slow" and not marker.exists() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    return {"wall_seconds": 0.1, "saw_marker": marker.exists()}, {}
+
+
+def test_parallel_experiments_are_reported_as_each_finishes(tmp_path):
+    from recsys_flowadam.reproduce import ExperimentOptions
+    from recsys_flowadam.reproduce.pool import run_parallel
+
+    seen = {}
+
+    def done(name, result):  # "slow" only finishes once "fast" has been reported here
+        seen[name] = result["saw_marker"]
+        if name == "fast":
+            (tmp_path / "fast-reported").touch()
+
+    run_parallel(["slow", "fast"], ExperimentOptions(progress=False), tmp_path, 2, 1, _wait_for_marker, done)
+    assert seen == {"fast": False, "slow": True}
+
+
 def test_a_failing_parallel_experiment_raises_and_the_others_still_write(tmp_path):
     from recsys_flowadam.data import DataError
     from recsys_flowadam.reproduce import ExperimentOptions

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import multiprocessing as mp
 import sys
-from concurrent.futures import FIRST_EXCEPTION, Future, ProcessPoolExecutor, wait
+from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
 from dataclasses import replace
 from pathlib import Path
 from typing import Any, Callable
@@ -63,7 +63,7 @@ def run_parallel(names: list[str], opts: Any, out_dir: str | Path, jobs: int, th
         pending = set(futures)
         error: BaseException | None = None
         while pending:
-            finished, pending = wait(pending, return_when=FIRST_EXCEPTION)
+            finished, pending = wait(pending, return_when=FIRST_COMPLETED)
             for fut in finished:
                 if fut.cancelled():
                     continue
