@@ -278,6 +278,17 @@ def _jester_name(opts: ExperimentOptions) -> str:
     return "jester-1" if (root / "jester-1").is_dir() and any((root / "jester-1").iterdir()) else "jester-4"
 
 
+def _jester_ratings(opts: ExperimentOptions):
+    """The Jester ratings the experiment trains on (never downloaded; clipped to the documented scale)."""
+    from recsys_flowadam.data import load_dataset
+
+    return load_dataset(_jester_name(opts), opts.data_dir, offline=True, clip=True)
+
+
+def _movielens_name(opts: ExperimentOptions) -> str:
+    return opts.dataset or "ml-100k"
+
+
 ADAM_GRID = (1e-4, 3e-4, 1e-3, 3e-3, 1e-2, 3e-2)
 FLOW_GRID = (1e-3, 3e-3, 1e-2)
 ADAMW_LR = (1e-3, 3e-3, 1e-2)
@@ -328,10 +339,10 @@ def _real_protocols(name: str, opts: ExperimentOptions, scenarios: list[Scenario
 
 
 def jester(opts: ExperimentOptions) -> dict[str, Any]:
-    from recsys_flowadam.data import load_dataset, split_ratings
+    from recsys_flowadam.data import split_ratings
 
-    name = _jester_name(opts)
-    ratings = load_dataset(name, opts.data_dir, offline=True, clip=True)
+    ratings = _jester_ratings(opts)
+    name = ratings.name
     dev = opts.torch_device()
 
     def build(seed: int, with_val: bool):
@@ -354,7 +365,7 @@ def jester(opts: ExperimentOptions) -> dict[str, Any]:
 def movielens(opts: ExperimentOptions) -> dict[str, Any]:
     from recsys_flowadam.reproduce.residual import residual_scenario
 
-    name = opts.dataset or "ml-100k"
+    name = _movielens_name(opts)
     seeds = list(range(1 if opts.quick else min(opts.seeds, 3)))
     opts = ExperimentOptions(**{**opts.__dict__, "seeds": len(seeds)})
     steps = opts.n_steps(1000, 200)
@@ -406,9 +417,9 @@ def check_data(names: list[str], opts: ExperimentOptions) -> None:
     from recsys_flowadam.data import load_dataset
 
     if "jester" in names:
-        load_dataset(_jester_name(opts), opts.data_dir, offline=True, clip=True)
+        _jester_ratings(opts)
     if "movielens" in names:
-        load_dataset(opts.dataset or "ml-100k", opts.data_dir, offline=True)
+        load_dataset(_movielens_name(opts), opts.data_dir, offline=True)  # as residual_scenario loads it
 
 
 def run_experiment(name: str, opts: ExperimentOptions, out_dir: str | Path, *, jobs: int = 1,
