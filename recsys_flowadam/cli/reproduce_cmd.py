@@ -67,8 +67,6 @@ def handle(args: argparse.Namespace) -> int:
         raise CLIError("--steps must be >= 1")
     import torch
 
-    from recsys_flowadam.data import DataError
-
     if args.threads < 1:
         raise CLIError("--threads must be >= 1")
     if args.jobs < 1:
@@ -92,9 +90,7 @@ def handle(args: argparse.Namespace) -> int:
                              command=_command(args))
     try:
         written = run_experiment(args.experiment, opts, args.out, jobs=args.jobs, threads=args.threads)
-    except DataError as exc:
-        raise CLIError(str(exc)) from None
-    except ValueError as exc:
+    except ValueError as exc:  # DataError included
         raise CLIError(str(exc)) from None
     for key, path in written.items():
         if key.endswith((":md", ":json")):

@@ -72,7 +72,7 @@ def _result(name: str, opts: ExperimentOptions, protocols: list[dict[str, Any]],
 
 
 def _synthetic_protocols(name: str, opts: ExperimentOptions, scenarios: list[Scenario], steps: int,
-                         paper_contenders: list[Contender], extra_fair: bool, details: dict[str, Any]) -> list[dict]:
+                         paper_contenders: list[Contender], details: dict[str, Any]) -> list[dict]:
     out = []
     for proto in opts.protocols:
         if proto == "paper":
@@ -81,7 +81,7 @@ def _synthetic_protocols(name: str, opts: ExperimentOptions, scenarios: list[Sce
                            desc=f"{name}/paper")
             extra = {"training_data": "all observed entries", "tuning": "none (fixed lr)"}
         else:
-            cont = fair_tuned(LAMBDA, quick=opts.quick, extra=extra_fair and not opts.quick, grid=opts.lr_grid)
+            cont = fair_tuned(LAMBDA, quick=opts.quick, extra=not opts.quick, grid=opts.lr_grid)
             shown = [replace(s, paper={}) for s in scenarios]  # the paper's figures belong to its protocol
             scen = compare(shown, cont, opts.seed_list, steps=steps, with_val=True, **opts.bars(),
                            desc=f"{name}/fair")
@@ -132,7 +132,7 @@ SYNTH_DETAILS = {"model": "rank r+5 factors, init N(0, 0.1^2)", "batch": "full b
 def matrix_completion(opts: ExperimentOptions) -> dict[str, Any]:
     steps = opts.n_steps(1000, 200)
     protos = _synthetic_protocols("matrix-completion", opts, _quick_first(opts, matrix_scenarios(opts)), steps,
-                                  paper_fixed(LAMBDA, PAPER_LR), True, SYNTH_DETAILS)
+                                  paper_fixed(LAMBDA, PAPER_LR), SYNTH_DETAILS)
     return _result("matrix-completion", opts, protos, ["Paper figures: Table I (mean ± std over 5 seeds)."])
 
 
@@ -154,7 +154,7 @@ def tensor_completion(opts: ExperimentOptions) -> dict[str, Any]:
     steps = opts.n_steps(1000, 200)
     protos = _synthetic_protocols("tensor-completion", opts, _quick_first(opts, scen), steps,
                                   paper_fixed(LAMBDA, PAPER_LR, adamw=False),
-                                  True, {**SYNTH_DETAILS, "model": "CP rank r+5, init N(0, 0.1^2)"})
+                                  {**SYNTH_DETAILS, "model": "CP rank r+5, init N(0, 0.1^2)"})
     return _result("tensor-completion", opts, protos, ["Paper figures: Table III."])
 
 
@@ -184,13 +184,13 @@ def robust_factorization(opts: ExperimentOptions) -> dict[str, Any]:
                "test": "RMSE of U V^T against L over every cell",
                "flowadam": SYNTH_DETAILS["flowadam"]}
     protos = _synthetic_protocols("robust-factorization", opts, _quick_first(opts, scen), steps,
-                                  paper_fixed(LAMBDA, PAPER_LR, adamw=False), True, details)
+                                  paper_fixed(LAMBDA, PAPER_LR, adamw=False), details)
     return _result("robust-factorization", opts, protos, ["Paper figures: Table II."])
 
 
 # ------------------------------------------------------------------------ ablation and gamma
 
-def _fixed_rows(opts: ExperimentOptions, proto: str, flow_rows: list[tuple[str, dict[str, Any]]]) -> list[Contender]:
+def _fixed_rows(proto: str, flow_rows: list[tuple[str, dict[str, Any]]]) -> list[Contender]:
     adam = (Contender("Adam", "adam", 0.0, (PAPER_LR,), {"weight_decay": LAMBDA}) if proto == "paper"
             else Contender("Adam", "adam", LAMBDA, (PAPER_LR,)))
     return [adam] + [Contender(label, "flowadam", LAMBDA, (PAPER_LR,), {**FLOWADAM_B, **kw}) for label, kw in flow_rows]
@@ -207,7 +207,7 @@ def _variant_experiment(name: str, opts: ExperimentOptions, scenarios: list[Scen
     steps = opts.n_steps(1000, 200)
     out = []
     for proto in opts.protocols:
-        cont = _fixed_rows(opts, proto, flow_rows)
+        cont = _fixed_rows(proto, flow_rows)
         shown = scenarios if proto == "paper" else [replace(s, paper={}) for s in scenarios]
         scen = compare(shown, cont, opts.seed_list, steps=steps, with_val=False, **opts.bars(),
                        desc=f"{name}/{proto}")
@@ -366,12 +366,10 @@ def movielens(opts: ExperimentOptions) -> dict[str, Any]:
     from recsys_flowadam.reproduce.residual import residual_scenario
 
     name = _movielens_name(opts)
-    seeds = list(range(1 if opts.quick else min(opts.seeds, 3)))
-    opts = ExperimentOptions(**{**opts.__dict__, "seeds": len(seeds)})
+    opts = replace(opts, seeds=min(opts.seeds, 3))  # the issue's protocol: 3 seeds
     steps = opts.n_steps(1000, 200)
     scen = [residual_scenario(name, opts.data_dir, opts.torch_device(), progress=False)]
-    paper = [Contender("Adam", "adam", 0.0, (PAPER_LR,), {"weight_decay": LAMBDA}),
-             Contender("FlowAdam", "flowadam", LAMBDA, (PAPER_LR,), dict(FLOWADAM_B))]
+    paper = paper_fixed(LAMBDA, PAPER_LR, adamw=False)
     out = []
     for proto in opts.protocols:
         grid = opts.lr_grid or (None if opts.quick else REAL_DATA_FAIR_GRID)

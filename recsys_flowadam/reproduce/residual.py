@@ -14,7 +14,7 @@ import torch
 
 from recsys_flowadam.models import Coords, ModelSpec, coords_from_ratings
 from recsys_flowadam.reproduce.compare import Scenario
-from recsys_flowadam.reproduce.tasks import Task
+from recsys_flowadam.reproduce.tasks import Task, rmse
 
 BIAS_LR = 0.01
 BIAS_REG = 1e-5
@@ -43,9 +43,9 @@ def _scorer(coords: Coords, base: torch.Tensor, key: str, scale, residual_key: s
             U, V = params["user_factors"].detach(), params["item_factors"].detach()
             r = (U[coords.users] * V[coords.items]).sum(dim=1)
             final = (base + r).clamp(scale.min, scale.max)
-            out = {key: float(torch.sqrt(torch.mean((final - coords.values).double() ** 2)))}
+            out = {key: rmse(final - coords.values)}
             if residual_key:
-                out[residual_key] = float(torch.sqrt(torch.mean((r - resid_target).double() ** 2)))
+                out[residual_key] = rmse(r - resid_target)
         return out
 
     return score

@@ -96,7 +96,8 @@ def run_one(task: Task, run: RunSpec, seed: int, *, eval_every: int = 25) -> Run
     closure = count_closure(evaluate)
     steps_limit = run.steps if run.steps is not None else math.inf
     evals_limit = run.max_grad_evals if run.max_grad_evals is not None else math.inf
-    curve = [{"step": 0, "grad_evals": 0, "seconds": 0.0, **task.score_test(params)}]
+    last = task.score_test(params)  # the scores of the current parameters: the run's result once it ends
+    curve = [{"step": 0, "grad_evals": 0, "seconds": 0.0, **last}]
     seconds, step, diverged = 0.0, 0, False
     while step < steps_limit and closure.calls < evals_limit:
         before = closure.calls
@@ -114,13 +115,14 @@ def run_one(task: Task, run: RunSpec, seed: int, *, eval_every: int = 25) -> Run
                 diverged = True
                 curve.append({"step": step, "grad_evals": closure.calls, "seconds": seconds, "test": math.nan})
                 break
-            curve.append({"step": step, "grad_evals": closure.calls, "seconds": seconds, **task.score_test(params)})
+            last = task.score_test(params)
+            curve.append({"step": step, "grad_evals": closure.calls, "seconds": seconds, **last})
         if done:
             break
     if diverged:
         scores = _nan_scores(task)
     else:
-        scores = dict(task.score_test(params))
+        scores = dict(last)
         if task.score_val is not None:
             scores.update(task.score_val(params))
     diag = getattr(opt, "diagnostics", None)

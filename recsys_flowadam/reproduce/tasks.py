@@ -46,7 +46,8 @@ class Task:
     info: dict[str, Any] = field(default_factory=dict)
 
 
-def _rmse(diff: torch.Tensor) -> float:
+def rmse(diff: torch.Tensor) -> float:
+    """Root mean square of ``diff``, summed in float64."""
     return float(torch.sqrt(torch.mean(diff.double() ** 2)))
 
 
@@ -66,7 +67,7 @@ def coords_scorer(coords: Coords, key: str, offset: float = 0.0) -> Scorer:
         with torch.no_grad():
             pred = predict({k: p.detach() for k, p in params.items()}, coords.users, coords.items,
                            coords.contexts, offset)
-        return {key: _rmse(pred - coords.values)}
+        return {key: rmse(pred - coords.values)}
 
     return score
 
@@ -77,7 +78,7 @@ def dense_scorer(truth: torch.Tensor, select: torch.Tensor | None, key: str = "t
     def score(params: dict[str, torch.Tensor]) -> dict[str, float]:
         with torch.no_grad():
             diff = full_prediction(params) - truth
-            return {key: _rmse(diff[select] if select is not None else diff)}
+            return {key: rmse(diff[select] if select is not None else diff)}
 
     return score
 
