@@ -94,17 +94,23 @@ class DensePath:
         bi = params["item_bias"].detach()[:, None]
         return torch.cat([U, bu, torch.ones_like(bu)], dim=1), torch.cat([V, torch.ones_like(bi), bi], dim=1)
 
-    def residual(self, params: dict[str, torch.Tensor]) -> torch.Tensor:
-        """Masked residual grid R (a fresh tensor)."""
+    def _products(self, params: dict[str, torch.Tensor]):
+        """What the residual and the gradient share: ``(Ua, Va)`` (matrix models, see ``_augmented``)
+        or the Khatri-Rao product of V and W (CP)."""
+        if self.spec.is_tensor:
+            return _khatri_rao(params["item_factors"].detach(), params["context_factors"].detach())
+        return self._augmented(params)
+
+    def residual(self, params: dict[str, torch.Tensor], products=None) -> torch.Tensor:
+        """Masked residual grid R (a fresh tensor); ``products``: ``_products(params)`` if already built."""
+        products = self._products(params) if products is None else products
         if self.spec.is_tensor:
             U = params["user_factors"].detach()
-            V = params["item_factors"].detach()
-            W = params["context_factors"].detach()
-            R = (U @ _khatri_rao(V, W).T).view(self.target.shape)
+            R = (U @ products.T).view(self.target.shape)
             if "user_bias" in params:
                 R.add_(params["user_bias"].detach()[:, None, None]).add_(params["item_bias"].detach()[None, :, None])
             return R.sub_(self.target).mul_(self.mask)
-        Ua, Va = self._augmented(params)
+        Ua, Va = products
         # one fused BLAS call: Ua Va^T - target
         return torch.addmm(self.target, Ua, Va.T, beta=-1.0).mul_(self.mask)
 
@@ -112,7 +118,8 @@ class DensePath:
         """Return ``(loss, grads)``; ``grads`` maps each parameter name to its gradient."""
         obj = self.objective
         with torch.no_grad():
-            R = self.residual(params)
+            products = self._products(params)
+            R = self.residual(params, products)
             if obj.loss == "mse":
                 flat = R.view(-1)
                 data = torch.dot(flat, flat) / self.n
@@ -121,7 +128,7 @@ class DensePath:
                 data = obj.rho(R).sum() / self.n
                 G, scale = obj.psi(R).div_(self.n), 1.0
             if not self.spec.is_tensor:
-                Ua, Va = self._augmented(params)
+                Ua, Va = products
                 r = self.spec.rank
                 GV = (G @ Va).mul_(scale)
                 GtU = (G.T @ Ua).mul_(scale)
@@ -129,7 +136,7 @@ class DensePath:
                 if "user_bias" in params:
                     grads["user_bias"] = GV[:, r].contiguous()
                     grads["item_bias"] = GtU[:, r + 1].contiguous()
-                return self._finish(params, data, grads)
+                return obj.add_penalty(params, data, grads)
             # CP tensor model
             if scale != 1.0:
                 G = G.mul_(scale)
@@ -137,21 +144,11 @@ class DensePath:
             V = params["item_factors"].detach()
             W = params["context_factors"].detach()
             I, J, K = G.shape
-            grads = {"user_factors": G.view(I, J * K) @ _khatri_rao(V, W)}
+            grads = {"user_factors": G.view(I, J * K) @ products}
             T = (G.view(I, J * K).T @ U).view(J, K, -1)
             grads["item_factors"] = (T * W[None, :, :]).sum(dim=1)
             grads["context_factors"] = (T * V[:, None, :]).sum(dim=0)
             if "user_bias" in params:
                 grads["user_bias"] = G.sum(dim=(1, 2))
                 grads["item_bias"] = G.sum(dim=(0, 2))
-            return self._finish(params, data, grads)
-
-    def _finish(self, params: dict[str, torch.Tensor], data: torch.Tensor, grads: dict[str, torch.Tensor]):
-        """Add the penalty and its gradients; ``(loss, grads)`` in the parameters' order."""
-        obj = self.objective
-        for name, g in grads.items():
-            pg = obj.penalty_grad(name, params[name].detach())
-            if not isinstance(pg, float):
-                g.add_(pg)
-        loss = data + obj.penalty({k: p.detach() for k, p in params.items()})
-        return loss, {k: grads[k] for k in params}
+            return obj.add_penalty(params, data, grads)

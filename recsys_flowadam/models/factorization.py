@@ -134,6 +134,17 @@ class Objective:
             total = total + lam * (sq.sum() if w is None else torch.dot(w.to(sq.dtype), sq))
         return total
 
+    def add_penalty(self, params: dict[str, torch.Tensor], data: torch.Tensor,
+                    grads: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """The analytic paths' last step: ``data`` + the L2 terms, and their gradients added to ``grads``
+        (in place); the gradients come back in the parameters' order."""
+        for name, g in grads.items():
+            pg = self.penalty_grad(name, params[name].detach())
+            if not isinstance(pg, float):
+                g.add_(pg)
+        loss = data + self.penalty({k: p.detach() for k, p in params.items()})
+        return loss, {k: grads[k] for k in params}
+
     def penalty_grad(self, name: str, p: torch.Tensor) -> torch.Tensor | float:
         """Gradient of the L2 term of one parameter (``0.0`` when it has none)."""
         lam = self.bias_reg if name.endswith("_bias") else self.reg

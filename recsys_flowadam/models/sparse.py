@@ -103,9 +103,4 @@ class SparsePath:
             if "user_bias" in params:
                 grads["user_bias"] = torch.zeros_like(params["user_bias"]).index_add_(0, self.users, g)
                 grads["item_bias"] = torch.zeros_like(params["item_bias"]).index_add_(0, self.items, g)
-            for name, grad in grads.items():
-                pg = obj.penalty_grad(name, params[name].detach())
-                if not isinstance(pg, float):
-                    grad.add_(pg)
-            loss = data + obj.penalty({k: p.detach() for k, p in params.items()})
-        return loss, {k: grads[k] for k in params}
+            return obj.add_penalty(params, data, grads)
