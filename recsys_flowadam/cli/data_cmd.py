@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
-import sys
 
 from recsys_flowadam.cli import CLIError
 
@@ -124,7 +122,9 @@ def cmd_info(args: argparse.Namespace) -> int:
     except DataError as exc:
         raise CLIError(str(exc)) from None
     if args.json:
-        print(json.dumps(_jsonable(summary), indent=1))
+        from recsys_flowadam.safe_write import json_safe
+
+        print(json.dumps(json_safe(summary), indent=1))
         return 0
     s = summary
     print(f"{s['name']}: {s['description']}")
@@ -150,15 +150,3 @@ def _official_count(name: str, options: dict) -> int | None:
 
     info = DATASETS.get(name)
     return info.n_ratings if info is not None and not options else None
-
-
-def _jsonable(obj):
-    if isinstance(obj, dict):
-        return {k: _jsonable(v) for k, v in obj.items()}
-    if isinstance(obj, float) and not math.isfinite(obj):
-        return None
-    return obj
-
-
-if __name__ == "__main__":  # pragma: no cover
-    sys.exit(0)

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -26,17 +25,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.set_defaults(func=handle)
 
 
-def _clean(obj):
-    if isinstance(obj, dict):
-        return {k: _clean(v) for k, v in obj.items()}
-    if isinstance(obj, float) and not math.isfinite(obj):
-        return None
-    return obj
-
-
 def handle(args: argparse.Namespace) -> int:
     from recsys_flowadam.artifact import ArtifactError
     from recsys_flowadam.cli import CLIError
+    from recsys_flowadam.safe_write import json_safe
     from recsys_flowadam.train.pipeline import evaluate_artifact
 
     try:
@@ -45,7 +37,7 @@ def handle(args: argparse.Namespace) -> int:
                                    device=args.device)
     except (ArtifactError, ValueError) as exc:  # DataError is a ValueError
         raise CLIError(str(exc)) from None
-    result = _clean(result)
+    result = json_safe(result)
     if args.json:
         print(json.dumps(result))
         return 0

@@ -9,14 +9,13 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import tempfile
 import warnings
 from pathlib import Path
 from typing import Mapping
 
 import numpy as np
 
+from ..safe_write import atomic_write
 from .paths import file_sha256
 from .ratings import Ratings, RatingScale
 
@@ -72,20 +71,9 @@ def store(cache_dir: Path, key: str, ratings: Ratings) -> Path | None:
                 "n_contexts": ratings.n_contexts, "source_files": dict(ratings.source_files),
                 "description": ratings.description, "n_duplicates": ratings.n_duplicates}
         npz = cache_dir / f"{key}.npz"
-        _atomic(npz, lambda fh: np.savez(fh, **arrays))
-        _atomic(cache_dir / f"{key}.json", lambda fh: fh.write(json.dumps(meta, indent=1).encode()))
+        atomic_write(npz, lambda fh: np.savez(fh, **arrays))
+        atomic_write(cache_dir / f"{key}.json", lambda fh: fh.write(json.dumps(meta, indent=1).encode()))
         return npz
     except OSError as exc:
         warnings.warn(f"could not write the parsed-dataset cache in {cache_dir}: {exc}", RuntimeWarning, stacklevel=2)
         return None
-
-
-def _atomic(path: Path, write) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            write(fh)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise

@@ -19,6 +19,7 @@ import zipfile
 from pathlib import Path, PurePosixPath
 from typing import Iterable
 
+from ..safe_write import atomic_write
 from .errors import DataError
 from .paths import file_sha256, resolve_data_dir
 from .registry import Download, get_info
@@ -136,6 +137,4 @@ def _recorded(folder: Path) -> dict[str, str]:
 def _record(folder: Path, url: str, digest: str) -> None:
     data = _recorded(folder)
     data[url] = digest
-    tmp = folder / f"{RECORD}.tmp"
-    tmp.write_text(json.dumps(data, indent=1))
-    os.replace(tmp, folder / RECORD)
+    atomic_write(folder / RECORD, lambda fh: fh.write(json.dumps(data, indent=1).encode()))

@@ -7,13 +7,13 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import platform
 import sys
-import tempfile
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
+
+from recsys_flowadam.safe_write import atomic_write, json_safe
 
 
 def versions() -> dict[str, str]:
@@ -33,29 +33,6 @@ def versions() -> dict[str, str]:
     except ImportError:  # pragma: no cover
         pass
     return out
-
-
-def _atomic_write(path: Path, data: bytes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def _clean(obj: Any) -> Any:
-    """JSON-safe: NaN/inf become null (strict JSON has no NaN)."""
-    if isinstance(obj, float):
-        return obj if math.isfinite(obj) else None
-    if isinstance(obj, dict):
-        return {str(k): _clean(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [_clean(v) for v in obj]
-    return obj
 
 
 def _fmt(x: float | None, digits: int = 4) -> str:
@@ -169,21 +146,17 @@ def plot_scenario(sc: dict[str, Any], path: Path) -> bool:
     axes[0].legend(fontsize=8)
     fig.suptitle(sc["label"], fontsize=10)
     fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".png")
-    os.close(fd)
     try:
-        fig.savefig(tmp, dpi=90)
-        os.replace(tmp, path)
+        atomic_write(path, lambda fh: fig.savefig(fh, format="png", dpi=90))
     finally:
         plt.close(fig)
-        Path(tmp).unlink(missing_ok=True)
     return True
 
 
 def write_report(result: dict[str, Any], out_dir: str | Path) -> dict[str, Path]:
     """Write the PNGs, ``<experiment>.json`` and ``<experiment>.md`` under ``out_dir``; return their paths."""
     out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
     name = result["experiment"]
     written: dict[str, Path] = {}
     for proto in result["protocols"]:
@@ -194,8 +167,8 @@ def write_report(result: dict[str, Any], out_dir: str | Path) -> dict[str, Path]
                 written[png.name] = png
     result.setdefault("created", datetime.now(timezone.utc).isoformat(timespec="seconds"))
     js = out / f"{name}.json"
-    _atomic_write(js, json.dumps(_clean(result), indent=1, allow_nan=False).encode())
+    atomic_write(js, lambda fh: fh.write(json.dumps(json_safe(result), indent=1, allow_nan=False).encode()))
     md = out / f"{name}.md"
-    _atomic_write(md, markdown(result).encode())
+    atomic_write(md, lambda fh: fh.write(markdown(result).encode()))
     written["json"], written["md"] = js, md
     return written

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 from typing import Any, Mapping
 
@@ -11,6 +10,7 @@ import numpy as np
 import torch
 
 from recsys_flowadam.data.ratings import Ratings
+from recsys_flowadam.safe_write import atomic_write, json_safe
 from recsys_flowadam.train.trainer import TrainResult
 
 HISTORY_NAME = "metrics.jsonl"
@@ -60,35 +60,14 @@ def artifact_payload(
         "train_config": dict(train_config),
         "optimizer": {"name": result.config.optimizer,
                       "params": {"lr": result.config.lr, **result.config.optimizer_kwargs},
-                      "diagnostics": _jsonable(result.diagnostics)},
-        "metrics": _jsonable(dict(metrics)),
+                      "diagnostics": json_safe(result.diagnostics)},
+        "metrics": json_safe(dict(metrics)),
     }
     return tensors, meta
-
-
-def _jsonable(obj: Any) -> Any:
-    """Plain JSON types only (NaN/inf become null, which strict JSON readers accept)."""
-    if isinstance(obj, dict):
-        return {str(k): _jsonable(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [_jsonable(v) for v in obj]
-    if isinstance(obj, (np.generic,)):
-        obj = obj.item()
-    if isinstance(obj, float) and not np.isfinite(obj):
-        return None
-    if obj is None or isinstance(obj, (bool, int, float, str)):
-        return obj
-    return str(obj)
 
 
 def write_history(directory: str | Path, history: list[dict[str, Any]]) -> Path:
     """The metric history as JSON lines next to the artifact files (atomic)."""
     path = Path(directory) / HISTORY_NAME
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "w", encoding="utf-8") as fh:
-        for record in history:
-            fh.write(json.dumps(_jsonable(record)) + "\n")
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
-    return path
+    lines = "".join(json.dumps(json_safe(record)) + "\n" for record in history)
+    return atomic_write(path, lambda fh: fh.write(lines.encode("utf-8")), fsync=True)
