@@ -36,8 +36,6 @@ MODEL_JSON = "model.json"
 MODEL_TENSORS = "model.safetensors"
 
 _FLOAT_TENSORS = ("user_factors", "item_factors", "user_bias", "item_bias", "context_factors")
-_INDEX_TENSORS = ("train_indptr", "train_items")
-_ALL_TENSORS = _FLOAT_TENSORS + _INDEX_TENSORS
 # safetensors dtype tag -> numpy dtype (little-endian, as the format prescribes).
 _ST_DTYPES = {"F32": np.dtype("<f4"), "I64": np.dtype("<i8")}
 

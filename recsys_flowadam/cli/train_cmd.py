@@ -201,14 +201,10 @@ def _run(args: argparse.Namespace, settings: dict[str, Any], quiet: bool = False
     """Train and print the summary (``quiet``: print nothing, for ranks other than 0)."""
     from recsys_flowadam.cli import CLIError
 
-    from recsys_flowadam.train.checkpoint import CheckpointError
     from recsys_flowadam.train.distributed import PeerLostError
     from recsys_flowadam.train.config import TrainConfig
     from recsys_flowadam.train.pipeline import DataSettings, train_and_save
-    from recsys_flowadam.train.recipes import RecipeError
     from recsys_flowadam.train.trainer import NonFiniteLossError
-
-    from recsys_flowadam.data import DataError
 
     try:
         _check_types(settings)
@@ -229,9 +225,9 @@ def _run(args: argparse.Namespace, settings: dict[str, Any], quiet: bool = False
                             data_options=settings["data_options"], context=settings["context"])
         summary = train_and_save(data, config, settings["out"], resume=args.resume,
                                  progress=not args.json and not quiet)
-    except (NonFiniteLossError, CheckpointError, RecipeError, DataError, PeerLostError) as exc:
-        raise CLIError(str(exc)) from None
-    except ValueError as exc:  # bad option values, unknown optimizer/kwargs, model/data mismatch
+    # ValueError: bad option values, unknown optimizer/kwargs, model/data mismatch, and the
+    # checkpoint, recipe and data errors (all ValueError subclasses)
+    except (NonFiniteLossError, PeerLostError, ValueError) as exc:
         raise CLIError(str(exc)) from None
     if quiet:
         return 0

@@ -56,7 +56,6 @@ class DatasetInfo:
     parse: Callable[..., Ratings] = field(repr=False)
     optional_files: tuple[str, ...] = ()
     n_ratings: int | None = None  # official count, used to flag truncated or modified files
-    options: tuple[str, ...] = ("duplicates",)
 
     def required_files(self, **options) -> tuple[str, ...]:
         if self.name == "jester-1" and options.get("part") is not None:
@@ -162,7 +161,7 @@ DATASETS: dict[str, DatasetInfo] = {
         DatasetInfo(
             name="jester-1", description="Jester Dataset 1: 73,421 users x 100 jokes, 1999-2003 (3 parts; option part=1|2|3)",
             size="10 MB", licence=JESTER_LICENCE, citation=JESTER_CITATION, scale=JESTER, files=JESTER1_PARTS,
-            parse=_jester1, options=("part",),
+            parse=_jester1,
             downloads=(
                 Download(f"{EIGENTASTE}archive/jester_dataset_1_1.zip",
                          "cb7841756ded125b15f3d95c9f8241224065e96354c132a46ae4214deeab7615", (JESTER1_PARTS[0],)),
@@ -184,7 +183,6 @@ DATASETS: dict[str, DatasetInfo] = {
             name="jester-2plus", description="Jester Dataset 2+: users x 150 jokes, 2006-2012 (jesterfinal151cols.xls)",
             size="~10 MB", licence=JESTER_LICENCE, citation=JESTER_CITATION, scale=JESTER,
             files=("jesterfinal151cols.xls",), parse=_jester_workbook("jesterfinal151cols.xls", 150, None),
-            options=(),
             downloads=(Download(f"{EIGENTASTE}archive/jester_dataset_3.zip",
                                 "de360773d91253200a203afa99c38d3368bfcfcc02d28088f11d5ec1dacc9f6f",
                                 ("jesterfinal151cols.xls",)),),
@@ -193,7 +191,7 @@ DATASETS: dict[str, DatasetInfo] = {
             name="jester-3", description="Jester Dataset 3: 54,905 users x 150 jokes, 2006-2015",
             size="6 MB", licence=JESTER_LICENCE, citation=JESTER_CITATION, scale=JESTER,
             files=(JESTER3_RATINGS,), optional_files=("Dataset3JokeSet.xlsx",),
-            parse=_jester_workbook(JESTER3_RATINGS, 150, "Dataset3JokeSet.xlsx"), options=(),
+            parse=_jester_workbook(JESTER3_RATINGS, 150, "Dataset3JokeSet.xlsx"),
             downloads=(Download(f"{EIGENTASTE}JesterDataset3.zip",
                                 "0987d0d892f833ce9f889addb18c1960cb086658362a77a27216327ffb91614f",
                                 (JESTER3_RATINGS,)),),
@@ -202,7 +200,7 @@ DATASETS: dict[str, DatasetInfo] = {
             name="jester-4", description="Jester Dataset 4: 7,699 users x 158 jokes, 106,489 ratings, 2015-2019",
             size="3 MB", licence=JESTER_LICENCE, citation=JESTER_CITATION, scale=JESTER,
             files=(JESTER4_RATINGS,), optional_files=("Dataset4JokeSet.xlsx",),
-            parse=_jester_workbook(JESTER4_RATINGS, 158, "Dataset4JokeSet.xlsx"), n_ratings=106_489, options=(),
+            parse=_jester_workbook(JESTER4_RATINGS, 158, "Dataset4JokeSet.xlsx"), n_ratings=106_489,
             downloads=(Download(f"{EIGENTASTE}JesterDataset4.zip",
                                 "98382f7f652daf67d7c6963afd7e007cea180b20af290c115fcb587387ea831b",
                                 (JESTER4_RATINGS, "Dataset4JokeSet.xlsx")),),

@@ -51,7 +51,7 @@ import torch
 from torch.optim import Optimizer
 from torch.optim.adam import adam as _functional_adam
 
-from recsys_flowadam.optim.ode import FIXED_METHODS, METHODS, ODEFailure, odeint
+from recsys_flowadam.optim.ode import METHODS, ODEFailure, odeint
 
 __all__ = [
     "FlowAdam",
@@ -69,7 +69,6 @@ PRESETS: dict[str, tuple[float, float, float]] = {"A": (0.40, 3.0, 2.0), "B": (0
 INJECTIONS = ("soft", "hard", "none")
 PLATEAU, STIFF = 1, 2  # bits of the trigger code
 
-_GROUP_KEYS = ("lr", "betas", "eps", "weight_decay", "ode_t_scale", "momentum_blend_gamma")
 _GLOBAL_KEYS = (
     "mode",
     "switch_sensitivity",

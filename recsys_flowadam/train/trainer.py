@@ -28,7 +28,6 @@ import torch
 
 from recsys_flowadam.data.ratings import Ratings
 from recsys_flowadam.models import (
-    AutogradPath,
     ModelSpec,
     Objective,
     choose_representation,
@@ -242,18 +241,17 @@ def train_model(
         return loss
 
     batch_holder: dict[str, Any] = {}
-    engine = AutogradPath(coords, path_objective) if minibatch else None
 
     def batch_closure() -> torch.Tensor:
         if dctx is not None:
             batch, share = batch_holder["batch"], batch_holder["share"]
             if len(batch):
-                loss, grads = engine.loss_and_grad(params, batch)
+                loss, grads = path.loss_and_grad(params, batch)
             else:  # this rank's shard ran out in the epoch's last batch
                 loss = params["user_factors"].new_zeros(())
                 grads = {k: torch.zeros_like(p) for k, p in params.items()}
             return reduce_closure_result(dctx, params, loss, grads, share, objective if dctx.is_main else None)
-        loss, grads = engine.loss_and_grad(params, batch_holder["batch"])
+        loss, grads = path.loss_and_grad(params, batch_holder["batch"])
         for k, p in params.items():
             p.grad = grads[k]
         return loss
