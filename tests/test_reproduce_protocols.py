@@ -155,12 +155,15 @@ def test_robust_matrix_has_the_requested_outliers_and_a_low_rank_part():
 
 def test_cp_tensor_task_predicts_the_full_tensor():
     task = synthetic_task("t", (6, 7, 8), 2, 0.3, 0.1, 1, 0, with_val=False, device=CPU)
+    spec = task.spec  # rank 2 + 1 extra, 8 contexts
+    assert (spec.model_type, spec.n_users, spec.n_items, spec.n_contexts, spec.rank) == ("cp", 6, 7, 8, 3)
     params = {"user_factors": torch.randn(6, 3), "item_factors": torch.randn(7, 3),
               "context_factors": torch.randn(8, 3)}
     full = full_prediction(params)
     i, j, k = 2, 3, 4
     assert full[i, j, k] == pytest.approx(float((params["user_factors"][i] * params["item_factors"][j]
                                                  * params["context_factors"][k]).sum()), rel=1e-5)
+    assert math.isfinite(task.score_test(params)["test"])
 
 
 @pytest.mark.cuda

@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from recsys_flowadam.train.distributed import PeerLostError, init_from_env, partition_indices
+from recsys_flowadam.train.distributed import init_from_env, partition_indices
 
 REPO = Path(__file__).resolve().parents[1]
 COMMON = {"model": "biased-mf", "rank": 8, "reg": 1e-4, "seed": 3, "device": "cpu", "patience": 0,
