@@ -301,7 +301,7 @@ class FlowAdam(Optimizer):
     def state_dict(self) -> dict[str, Any]:
         """torch's state dict plus a "flowadam" entry: the counters and the EMA statistics."""
         sd = super().state_dict()
-        flow = {k: int(self._flow[k]) for k in _COUNTERS}
+        flow: dict[str, Any] = self.diagnostics()
         for key in ("n_bar", "c_bar"):
             value = self._flow[key]
             flow[key] = None if value is None else value.detach().clone()

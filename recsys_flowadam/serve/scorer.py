@@ -107,6 +107,7 @@ class Scorer:
         norms = np.linalg.norm(V, axis=1, keepdims=True)
         self.item_unit = np.ascontiguousarray(V / np.where(norms > 0, norms, 1.0), dtype=np.float32)
         self._unseen_items = np.flatnonzero(~self.seen_items).astype(np.int32)
+        self._n_seen_items = n_items - self._unseen_items.size
         self.train = sp.csr_matrix(
             (np.ones(train_items.shape[0], np.float32), train_items, indptr), shape=(n_users, n_items)
         )
@@ -188,7 +189,7 @@ class Scorer:
         i = self.item_index(item)
         if not self.seen_items[i]:
             raise UnknownIDError("item", item, "has no training ratings, so no fitted factors to compare")
-        k = min(k, int(self.seen_items.sum()) - 1)
+        k = min(k, self._n_seen_items - 1)
         if k <= 0:
             return np.empty(0, np.int64), np.empty(0, np.float64)
         exclude = sp.csr_matrix((np.ones(1, np.float32), np.array([i]), np.array([0, 1])), shape=(1, self.meta.n_items))
