@@ -26,6 +26,12 @@ def test_quick_matrix_completion_smoke_writes_parseable_reports(tmp_path, capsys
     assert data["wall_seconds"] > sum(r["seconds"] for sc in data["protocols"][0]["scenarios"]
                                       for row in sc["rows"].values() for r in row["runs"])
     assert "matrix-completion: 0 min" in captured.err  # a quick run takes seconds
+    # the summary table is printed, one seed reads "n = 1" (not "± 0.000"), and the run says it is a smoke test
+    assert "| Adam | " in captured.out and "(n = 1)" in captured.out and "± 0.000" not in captured.out
+    assert "smoke test, not the comparison" in captured.out
+    md = (out / "matrix-completion.md").read_text()
+    assert "--seeds" not in md.split("Command:")[1].splitlines()[0]  # the header records what ran: --quick
+    assert "(n = 1)" in md and "smoke test" in md
     assert data["experiment"] == "matrix-completion" and data["seeds"] == [0]
     assert data["versions"]["torch"] == torch.__version__
     paper, fair = data["protocols"]

@@ -42,9 +42,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 def _command(args: argparse.Namespace) -> str:
     """The canonical command line that reproduces this run (recorded in the report)."""
-    parts = ["recsys-flowadam", "reproduce", args.experiment, "--protocol", args.protocol, "--seeds", str(args.seeds)]
-    if args.quick:
-        parts.append("--quick")
+    parts = ["recsys-flowadam", "reproduce", args.experiment, "--protocol", args.protocol]
+    # --quick runs one seed whatever --seeds says: record what ran
+    parts += ["--quick"] if args.quick else ["--seeds", str(args.seeds)]
     for flag in ("steps", "lr_grid", "dataset", "data_dir"):
         if getattr(args, flag) is not None:
             parts += ["--" + flag.replace("_", "-"), str(getattr(args, flag))]
@@ -92,7 +92,23 @@ def handle(args: argparse.Namespace) -> int:
         written = run_experiment(args.experiment, opts, args.out, jobs=args.jobs, threads=args.threads)
     except ValueError as exc:  # DataError included
         raise CLIError(str(exc)) from None
+    _print_results(written, args.quick)
+    return 0
+
+
+def _print_results(written: dict[str, str], quick: bool) -> None:
+    """Each experiment's summary table (from its JSON report), then the report paths."""
+    import json
+    from pathlib import Path
+
+    from recsys_flowadam.reproduce.report import QUICK_NOTE
+    from recsys_flowadam.reproduce.summary import tables
+
+    for key, path in written.items():
+        if key.endswith(":json"):
+            print(tables(json.loads(Path(path).read_text())) + "\n")
+    if quick:
+        print(QUICK_NOTE + "\n")
     for key, path in written.items():
         if key.endswith((":md", ":json")):
             print(path)
-    return 0

@@ -35,10 +35,21 @@ def versions() -> dict[str, str]:
     return out
 
 
+QUICK_NOTE = ("A --quick run is a smoke test, not the comparison: one seed and short runs on the smallest "
+              "scenario can reverse the paper's ranking. Run without --quick for the figures that count.")
+
+
 def _fmt(x: float | None, digits: int = 4) -> str:
     if x is None or (isinstance(x, float) and not math.isfinite(x)):
         return "n/a"
     return f"{x:.{digits}f}"
+
+
+def mean_std(mean: float | None, std: float | None, n: int, digits: int = 4) -> str:
+    """``mean ± std`` over ``n`` seeds; one seed has no spread, so it reads ``mean (n = 1)``."""
+    if n <= 1:
+        return f"{_fmt(mean, digits)} (n = 1)"
+    return f"{_fmt(mean, digits)} ± {_fmt(std, digits)}"
 
 
 def _fmt_lr(summary: dict[str, Any]) -> str:
@@ -59,7 +70,7 @@ def scenario_table(sc: dict[str, Any]) -> list[str]:
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for label, row in sc["rows"].items():
         s = row["summary"]
-        cells = [label, _fmt_lr(s), f"{_fmt(s['mean'])} ± {_fmt(s['std'])}"]
+        cells = [label, _fmt_lr(s), mean_std(s["mean"], s["std"], s["n"])]
         cells += [_fmt(s.get(f"mean_{k}")) for k in extra]
         if has_paper:
             cells.append(row.get("paper") or "")
@@ -89,6 +100,8 @@ def markdown(result: dict[str, Any]) -> str:
     if result.get("wall_seconds") is not None:
         lines.append(f"Wall time of the whole experiment: {result['wall_seconds'] / 60:.1f} min (every protocol, "
                      "tuning and learning-curve evaluations included)  ")
+    if result.get("quick"):
+        lines.append(f"**{QUICK_NOTE}**  ")
     lines.append("")
     if result.get("notes"):
         lines += [f"- {n}" for n in result["notes"]] + [""]
@@ -113,7 +126,7 @@ def markdown(result: dict[str, Any]) -> str:
                   "| Optimizer | test accuracy (mean ± std) | paper | grad evals / run | wall s / run |",
                   "|---|---|---|---|---|"]
         for label, row in sp["rows"].items():
-            lines.append(f"| {label} | {row['mean']:.3f} ± {row['std']:.3f} | {row['paper']} | "
+            lines.append(f"| {label} | {mean_std(row['mean'], row['std'], len(row['runs']), 3)} | {row['paper']} | "
                          f"{row['grad_evals']:.0f} | {row['seconds']:.2f} |")
         lines.append("")
     lines += ["Std is the sample standard deviation over seeds (ddof=1). Wilcoxon: two-sided signed-rank test "

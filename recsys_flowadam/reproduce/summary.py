@@ -12,12 +12,14 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from recsys_flowadam.reproduce.report import mean_std
+
 
 def _cell(row: dict[str, Any]) -> str:
     s = row["summary"]
     if s.get("mean") is None:
         return "n/a"
-    text = f"{s['mean']:.3f} ± {s['std']:.3f}"
+    text = mean_std(s["mean"], s["std"], s["n"], 3)
     if s.get("wilcoxon_p") is not None:
         text += f" (p={s['wilcoxon_p']:.2g})"
     return text
@@ -64,7 +66,7 @@ def tables(result: dict[str, Any]) -> str:
         lines = [f"**two spirals** (seeds {result['seeds']}, {sp['steps']} steps)", "",
                  "| Optimizer | test accuracy | paper |", "|---|---|---|"]
         for label, row in sp["rows"].items():
-            lines.append(f"| {label} | {row['mean']:.3f} ± {row['std']:.3f} | {row['paper']} |")
+            lines.append(f"| {label} | {mean_std(row['mean'], row['std'], len(row['runs']), 3)} | {row['paper']} |")
         out.append("\n".join(lines))
     return "\n\n".join(out)
 
