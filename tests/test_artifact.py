@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from safetensors.numpy import load_file, save_file
 
-from recsys_flowadam import artifact as artifact_mod
+from recsys_flowadam.artifact import files as artifact_files
 from recsys_flowadam.artifact import (
     SCHEMA_VERSION,
     ArtifactError,
@@ -105,7 +105,7 @@ def test_replace_existing_artifact(tmp_path: Path) -> None:
 
 
 def test_replace_without_rename_exchange(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(artifact_mod, "_exchange", lambda a, b: False)
+    monkeypatch.setattr(artifact_files, "_exchange", lambda a, b: False)
     tensors, meta = make_parts("mf", seed=1)
     target = save_artifact(tmp_path / "model", tensors, meta)
     tensors2, meta2 = make_parts("biased-mf", seed=3)

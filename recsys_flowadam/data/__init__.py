@@ -9,14 +9,14 @@ from .errors import DataError
 from .loader import load_dataset
 from .paths import resolve_cache_dir, resolve_data_dir
 from .ratings import Ratings, RatingScale
-from .registry import DATASETS, DatasetInfo
+from .registry import DATASETS, DatasetEntry
 from .splits import Split, split_ratings
 from .synthetic import SyntheticProblem, make_low_rank_matrix, make_low_rank_tensor
 
 __all__ = [
     "DATASETS",
     "DataError",
-    "DatasetInfo",
+    "DatasetEntry",
     "Ratings",
     "RatingScale",
     "Split",

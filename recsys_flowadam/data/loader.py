@@ -10,7 +10,7 @@ from .custom import load_custom_csv
 from .errors import DataError
 from .paths import offline_by_default, resolve_cache_dir, resolve_data_dir
 from .ratings import Ratings
-from .registry import DatasetInfo, get_info
+from .registry import DatasetEntry, get_info
 from .synthetic import load_synthetic
 
 
@@ -72,7 +72,7 @@ def _cached_or_parsed(name: str, folder: Path, sources: list[str], options: dict
     return ratings
 
 
-def offline_message(info: DatasetInfo, folder: Path, missing: list[str]) -> str:
+def offline_message(info: DatasetEntry, folder: Path, missing: list[str]) -> str:
     lines = [f"{info.name}: missing {', '.join(str(folder / m) for m in missing)} and downloads are off (offline)."]
     for d in info.downloads_for(tuple(missing)):
         digest = f"sha256 {d.sha256}" if d.sha256 else "no published sha256"

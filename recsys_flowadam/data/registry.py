@@ -44,7 +44,9 @@ class Download:
 
 
 @dataclass(frozen=True)
-class DatasetInfo:
+class DatasetEntry:
+    """A registered dataset: its files, licence, citation, official downloads and parser."""
+
     name: str
     description: str
     size: str
@@ -80,12 +82,12 @@ def _jester1_part(part) -> int:
 
 
 def _ml(parser):
-    def parse(folder: Path, info: DatasetInfo, duplicates: str = "error") -> Ratings:
+    def parse(folder: Path, info: DatasetEntry, duplicates: str = "error") -> Ratings:
         return parser(folder, info.name, info.scale, duplicates=duplicates, description=info.description)
     return parse
 
 
-def _jester1(folder: Path, info: DatasetInfo, part=None) -> Ratings:
+def _jester1(folder: Path, info: DatasetEntry, part=None) -> Ratings:
     parts = [1, 2, 3] if part is None else [_jester1_part(part)]
     texts, sources = jester.read_html_jokes(folder)
     return jester.load_workbooks(
@@ -96,7 +98,7 @@ def _jester1(folder: Path, info: DatasetInfo, part=None) -> Ratings:
 
 
 def _jester_workbook(fname: str, n_jokes: int | None, text_file: str | None):
-    def parse(folder: Path, info: DatasetInfo) -> Ratings:
+    def parse(folder: Path, info: DatasetEntry) -> Ratings:
         texts, sources = None, {}
         if text_file and (folder / text_file).exists():
             from .paths import file_sha256
@@ -111,7 +113,7 @@ def _jester_workbook(fname: str, n_jokes: int | None, text_file: str | None):
     return parse
 
 
-def _jester2(folder: Path, info: DatasetInfo, duplicates: str = "error") -> Ratings:
+def _jester2(folder: Path, info: DatasetEntry, duplicates: str = "error") -> Ratings:
     return jester.load_ratings_dat(folder, info.name, info.scale, duplicates=duplicates, description=info.description)
 
 
@@ -119,21 +121,21 @@ JESTER4_RATINGS = "[final] April 2015 to Nov 30 2019 - Transformed Jester Data -
 JESTER3_RATINGS = "FINAL jester 2006-15.xls"
 
 
-def _movielens(name, description, size, licence, scale, fmt, zip_sha, n_ratings) -> DatasetInfo:
+def _movielens(name, description, size, licence, scale, fmt, zip_sha, n_ratings) -> DatasetEntry:
     files, optional, parser = {
         "100k": (("u.data",), ("u.item",) + tuple(f"{s}.{e}" for s in ("u1", "u2", "u3", "u4", "u5", "ua", "ub")
                                                   for e in ("base", "test")), movielens.load_ml100k),
         "dat": (("ratings.dat",), ("movies.dat",), movielens.load_dat),
         "csv": (("ratings.csv",), ("movies.csv",), movielens.load_csv),
     }[fmt]
-    return DatasetInfo(
+    return DatasetEntry(
         name=name, description=description, size=size, licence=licence, citation=MOVIELENS_CITATION,
         scale=scale, files=files, optional_files=optional, parse=_ml(parser), n_ratings=n_ratings,
         downloads=(Download(f"{GROUPLENS}{name}.zip", zip_sha, files + optional),),
     )
 
 
-DATASETS: dict[str, DatasetInfo] = {
+DATASETS: dict[str, DatasetEntry] = {
     info.name: info
     for info in (
         _movielens("ml-100k", "MovieLens 100K: 943 users, 1,682 movies, 1-5 stars, 1997-98", "5 MB",
@@ -158,7 +160,7 @@ DATASETS: dict[str, DatasetInfo] = {
                    "696d65a3dfceac7c45750ad32df2c259311949efec81f0f144fdfb91ebc9e436", 100_836),
         _movielens("ml-latest", "MovieLens latest, full (rolling release; contents change)", "~335 MB",
                    MOVIELENS_REDIST, HALF_STARS, "csv", None, None),
-        DatasetInfo(
+        DatasetEntry(
             name="jester-1", description="Jester Dataset 1: 73,421 users x 100 jokes, 1999-2003 (3 parts; option part=1|2|3)",
             size="10 MB", licence=JESTER_LICENCE, citation=JESTER_CITATION, scale=JESTER, files=JESTER1_PARTS,
             parse=_jester1,
@@ -171,7 +173,7 @@ DATASETS: dict[str, DatasetInfo] = {
                          "7f548d3762d3506cf7cd37d8cb9e3adb67984a7da7aa2d2096d5e0b1b884758d", (JESTER1_PARTS[2],)),
             ),
         ),
-        DatasetInfo(
+        DatasetEntry(
             name="jester-2", description="Jester Dataset 2: ~1.7M ratings, 59,132 users x 150 jokes, 2006-2009",
             size="8 MB", licence=JESTER_LICENCE, citation=JESTER_CITATION, scale=JESTER,
             files=("jester_ratings.dat",), optional_files=("jester_items.dat",), parse=_jester2,
@@ -179,7 +181,7 @@ DATASETS: dict[str, DatasetInfo] = {
                                 "5c2b9fb8346fc132ac1be6a9264fef9a6d153da68f3201839ac25c19f9a59a09",
                                 ("jester_ratings.dat", "jester_items.dat")),),
         ),
-        DatasetInfo(
+        DatasetEntry(
             name="jester-2plus", description="Jester Dataset 2+: users x 150 jokes, 2006-2012 (jesterfinal151cols.xls)",
             size="~10 MB", licence=JESTER_LICENCE, citation=JESTER_CITATION, scale=JESTER,
             files=("jesterfinal151cols.xls",), parse=_jester_workbook("jesterfinal151cols.xls", 150, None),
@@ -187,7 +189,7 @@ DATASETS: dict[str, DatasetInfo] = {
                                 "de360773d91253200a203afa99c38d3368bfcfcc02d28088f11d5ec1dacc9f6f",
                                 ("jesterfinal151cols.xls",)),),
         ),
-        DatasetInfo(
+        DatasetEntry(
             name="jester-3", description="Jester Dataset 3: 54,905 users x 150 jokes, 2006-2015",
             size="6 MB", licence=JESTER_LICENCE, citation=JESTER_CITATION, scale=JESTER,
             files=(JESTER3_RATINGS,), optional_files=("Dataset3JokeSet.xlsx",),
@@ -196,7 +198,7 @@ DATASETS: dict[str, DatasetInfo] = {
                                 "0987d0d892f833ce9f889addb18c1960cb086658362a77a27216327ffb91614f",
                                 (JESTER3_RATINGS,)),),
         ),
-        DatasetInfo(
+        DatasetEntry(
             name="jester-4", description="Jester Dataset 4: 7,699 users x 158 jokes, 106,489 ratings, 2015-2019",
             size="3 MB", licence=JESTER_LICENCE, citation=JESTER_CITATION, scale=JESTER,
             files=(JESTER4_RATINGS,), optional_files=("Dataset4JokeSet.xlsx",),
@@ -216,7 +218,7 @@ SPECIAL_NAMES = {
 }
 
 
-def get_info(name: str) -> DatasetInfo:
+def get_info(name: str) -> DatasetEntry:
     try:
         return DATASETS[name]
     except KeyError:

@@ -1,19 +1,20 @@
 """Training checkpoints: one safetensors file, tensors plus a JSON state in its header.
 
-One file means one atomic ``os.replace``: a checkpoint is either the previous one or the new
-one, never half written. Nested state (the optimizer's ``state_dict``, the trainer's
-counters, the RNG state) is split into tensors (stored as safetensors) and a JSON skeleton
-with ``{"__tensor__": key}`` placeholders; no pickle is involved.
+One file means one atomic replacement (``safe_write.atomic_write``): a checkpoint is either
+the previous one or the new one, never half written. Nested state (the optimizer's
+``state_dict``, the trainer's counters, the RNG state) is split into tensors (stored as
+safetensors) and a JSON skeleton with ``{"__tensor__": key}`` placeholders; no pickle is involved.
 """
 
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 from typing import Any
 
 import torch
+
+from recsys_flowadam.safe_write import atomic_write
 
 CHECKPOINT_NAME = "checkpoint.safetensors"
 FORMAT = "recsys-flowadam-checkpoint-1"
@@ -58,23 +59,15 @@ def decode_state(obj: Any, tensors: dict[str, torch.Tensor]) -> Any:
 
 
 def save_checkpoint(path: str | Path, tensors: dict[str, torch.Tensor], state: dict[str, Any]) -> Path:
-    """Write tensors + JSON state atomically (temporary file in the same folder, then rename)."""
-    from safetensors.torch import save_file
+    """Write tensors + JSON state atomically and durably (:func:`~recsys_flowadam.safe_write.atomic_write`)."""
+    from safetensors.torch import save
 
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     all_tensors = {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
     skeleton = encode_state(state, all_tensors, "state")
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        save_file(all_tensors, str(tmp), metadata={"format": FORMAT, "state": json.dumps(skeleton)})
-        with open(tmp, "rb") as fh:
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    return path
+    data = save(all_tensors, metadata={"format": FORMAT, "state": json.dumps(skeleton)})
+    return atomic_write(path, lambda fh: fh.write(data), fsync=True)
 
 
 def load_checkpoint(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:

@@ -13,7 +13,7 @@ import numpy as np
 import torch
 
 from recsys_flowadam.data.ratings import Ratings
-from recsys_flowadam.train.artifacts import artifact_payload, write_history
+from recsys_flowadam.train.export import artifact_payload, write_history
 from recsys_flowadam.train.checkpoint import CHECKPOINT_NAME
 from recsys_flowadam.train.config import TrainConfig
 from recsys_flowadam.train.context import parse_context, time_bin_edges, with_time_contexts

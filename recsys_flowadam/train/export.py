@@ -1,4 +1,8 @@
-"""Turning a finished run into an artifact (format v1, written by ``recsys_flowadam.artifact``)."""
+"""Exporting a finished run: the artifact payload (tensors + metadata) and the metric history.
+
+The payload is written by :func:`recsys_flowadam.artifact.save_artifact` (format v1); the history
+goes next to it as ``metrics.jsonl``.
+"""
 
 from __future__ import annotations
 
