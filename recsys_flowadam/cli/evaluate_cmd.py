@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import json
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -39,7 +38,9 @@ def handle(args: argparse.Namespace) -> int:
         raise CLIError(str(exc)) from None
     result = json_safe(result)
     if args.json:
-        print(json.dumps(result))
+        from recsys_flowadam.cli.output import print_json
+
+        print_json(result)
         return 0
 
     def f(x):
