@@ -261,8 +261,8 @@ def _rating_task(split, key: str, rank: int, dev: torch.device):
     val = coords_from_ratings(split.val, device=dev)
     test = coords_from_ratings(split.test, device=dev)
     mean = split.train.mean
-    seen_u = torch.bincount(train.users, minlength=split.train.n_users) > 0
-    seen_i = torch.bincount(train.items, minlength=split.train.n_items) > 0
+    from recsys_flowadam.models.prediction import seen_in_training
+    seen_u, seen_i = seen_in_training(train.users, train.items, split.train.n_users, split.train.n_items)
     spec = ModelSpec("mf", split.train.n_users, split.train.n_items, rank)
     info = {"n_train": len(train), "n_val": len(val), "n_test": len(test), "train_mean": mean, "seed": split.seed}
     return Task(key, spec, train, _ratings_scorer(test, "test", mean, split.train.scale, seen_u, seen_i),

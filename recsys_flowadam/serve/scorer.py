@@ -1,17 +1,14 @@
 """Scoring over a loaded artifact: rating predictions, top-k recommendations, similar items.
 
-The prediction rule is the artifact spec's (format v1). Every model type is reduced at load
-time to one dot product over *augmented* factor vectors, which folds the offset and both
-biases in exactly (for a user and an item with training ratings)::
-
-    user_rows[u] = [U[u], 1, offset + b_u[u], ...]      item_rows[i] = [V[i], b_i[i], 1, ...]
-    user_rows[u] . item_rows[i] = offset + b_u[u] + b_i[i] + U[u] . V[i]
-
-and gives the cold-start value (global mean + the known biases) for users/items without
-training ratings or not listed at all (see ``Scorer.__init__``). For cp models served without
-a context, V[i] is replaced by V[i] * mean_c W[c] (the expected rating over a uniformly chosen
-context). Top-k retrieval is then an inner-product search that the ``implicit`` library's CPU
-top-k does (with per-user filtering of the items rated in training).
+The prediction rule is the artifact spec's (format v1), as
+:mod:`recsys_flowadam.models.prediction` writes it once for training, ``evaluate`` and this
+service. It is folded at load time into one dot product over *augmented* factor rows
+(:func:`~recsys_flowadam.models.prediction.fold_rows`): offset, biases and the cold-start value
+(global mean + the known biases, for users/items without training ratings or not listed at
+all). For cp models served without a context, V[i] is replaced by V[i] * mean_c W[c] (the
+expected rating over a uniformly chosen context). Top-k retrieval is then an inner-product
+search that the ``implicit`` library's CPU top-k does (with per-user filtering of the items
+rated in training).
 """
 
 from __future__ import annotations
@@ -24,6 +21,7 @@ import scipy.sparse as sp
 from implicit.cpu.topk import topk
 
 from recsys_flowadam.artifact import Artifact
+from recsys_flowadam.models.prediction import clip_ratings, fold_rows, rule_from_artifact
 
 # implicit gives filtered-out candidates this score; never returned (K is clamped), but guarded.
 _FILTERED = -np.finfo(np.float32).max / 2
@@ -67,47 +65,21 @@ class Scorer:
         self._user_pos = {raw: k for k, raw in enumerate(meta.user_ids)}
         self._item_pos = {raw: k for k, raw in enumerate(meta.item_ids)}
 
-        n_users, n_items, rank = meta.n_users, meta.n_items, meta.rank
-        indptr, train_items = np.asarray(t["train_indptr"]), np.asarray(t["train_items"])
         # An ID without training ratings has never-fitted factors: it is served as cold, like an
         # ID the artifact does not list at all (the same rule as the trainer's evaluation).
-        self.seen_users = np.diff(indptr) > 0
-        self.seen_items = np.zeros(n_items, dtype=bool)
-        self.seen_items[train_items] = True
-        U = np.asarray(t["user_factors"], dtype=np.float32)
-        V = np.asarray(t["item_factors"], dtype=np.float32)
-        if meta.model_type == "cp":
-            V = V * np.asarray(t["context_factors"], dtype=np.float64).mean(axis=0).astype(np.float32)
-        U = np.where(self.seen_users[:, None], U, np.float32(0))
-        V = np.where(self.seen_items[:, None], V, np.float32(0))
-        has_bias = "user_bias" in t
-        bu = np.where(self.seen_users, t["user_bias"], 0).astype(np.float32) if has_bias else np.zeros(n_users, np.float32)
-        bi = np.where(self.seen_items, t["item_bias"], 0).astype(np.float32) if has_bias else np.zeros(n_items, np.float32)
-        offset, mean = float(meta.prediction_offset), self.global_mean
-
-        # Augmented rows, one extra (last) row each for IDs absent from the artifact:
-        #   user_rows[u] = [U[u], 1, c_u, f_u]      item_rows[i] = [V[i], b_i, 1, e_i]
-        #   seen user:   c_u = offset + b_u, f_u = mean - offset;   cold user: c_u = mean, f_u = 0
-        #   seen item:   e_i = 0;                                   cold item: V = 0, b_i = 0, e_i = 1
-        # so the dot product is exactly the spec's rule for seen pairs and the cold-start value
-        # (global mean + the known biases) otherwise, for predictions and top-k alike.
-        self.user_rows = np.zeros((n_users + 1, rank + 3), np.float32)
-        self.user_rows[:n_users, :rank] = U
-        self.user_rows[:, rank] = 1.0
-        self.user_rows[:n_users, rank + 1] = np.where(self.seen_users, offset + bu, mean)
-        self.user_rows[n_users, rank + 1] = mean
-        self.user_rows[:n_users, rank + 2] = np.where(self.seen_users, mean - offset, 0.0)
-        self.item_rows = np.zeros((n_items + 1, rank + 3), np.float32)
-        self.item_rows[:n_items, :rank] = V
-        self.item_rows[:n_items, rank] = bi
-        self.item_rows[:, rank + 1] = 1.0
-        self.item_rows[:n_items, rank + 2] = ~self.seen_items
-        self.item_rows[n_items, rank + 2] = 1.0
+        self.rule = rule_from_artifact(artifact)
+        self.seen_users, self.seen_items = self.rule.seen_users, self.rule.seen_items
+        # user_rows[u] . item_rows[i] = the rule's rating (cold start included); the last row of
+        # each stands for an ID the artifact does not list
+        self.user_rows, self.item_rows = fold_rows(self.rule)
+        n_users, n_items, rank = meta.n_users, meta.n_items, meta.rank
+        V = self.item_rows[:n_items, :rank]  # served item factors (cp: context-averaged; cold: 0)
         self._item_candidates = self.item_rows[:n_items]  # top-k candidates: the real items only
         norms = np.linalg.norm(V, axis=1, keepdims=True)
         self.item_unit = np.ascontiguousarray(V / np.where(norms > 0, norms, 1.0), dtype=np.float32)
         self._unseen_items = np.flatnonzero(~self.seen_items).astype(np.int32)
         self._n_seen_items = n_items - self._unseen_items.size
+        indptr, train_items = np.asarray(t["train_indptr"]), np.asarray(t["train_items"])
         self.train = sp.csr_matrix(
             (np.ones(train_items.shape[0], np.float32), train_items, indptr), shape=(n_users, n_items)
         )
@@ -136,7 +108,7 @@ class Scorer:
     # -- predictions -----------------------------------------------------------------------
 
     def clip(self, values: np.ndarray) -> np.ndarray:
-        return np.clip(values, self.scale_min, self.scale_max)
+        return clip_ratings(values, self.rule.scale)
 
     def predict_indices(self, u: np.ndarray, i: np.ndarray, *, clip: bool = True) -> Predictions:
         """Predict for index pairs (-1 = an ID the artifact does not list: cold start)."""
@@ -144,8 +116,7 @@ class Scorer:
         uu = np.where(u >= 0, u, n_users)
         ii = np.where(i >= 0, i, n_items)
         ratings = np.einsum("ij,ij->i", self.user_rows[uu], self.item_rows[ii], dtype=np.float64)
-        known_user = (u >= 0) & self.seen_users[np.minimum(uu, n_users - 1)]
-        known_item = (i >= 0) & self.seen_items[np.minimum(ii, n_items - 1)]
+        known_user, known_item = self.rule.known(u, i)
         return Predictions(self.clip(ratings) if clip else ratings, known_user, known_item)
 
     def predict(self, users: Sequence[str], items: Sequence[str], *, clip: bool = True) -> Predictions:
@@ -178,6 +149,16 @@ class Scorer:
         if k <= 0:
             return np.empty(0, np.int64), np.empty(0, np.float64)
         ids, scores = self._topk(self._item_candidates, self.user_rows[u : u + 1], k, exclude)
+        return ids, self.clip(scores)
+
+    def recommend_cold(self, k: int = 10) -> tuple[np.ndarray, np.ndarray]:
+        """Top-k for a user the artifact does not list: the cold-start ranking (global mean +
+        item bias; for mf every item ties at the mean), best first, as :meth:`recommend` returns."""
+        k = min(k, self.meta.n_items)
+        if k <= 0:
+            return np.empty(0, np.int64), np.empty(0, np.float64)
+        unknown = self.meta.n_users  # the extra last row: an ID the artifact does not list
+        ids, scores = self._topk(self._item_candidates, self.user_rows[unknown : unknown + 1], k, None)
         return ids, self.clip(scores)
 
     def similar(self, item: str, k: int = 10) -> tuple[np.ndarray, np.ndarray]:

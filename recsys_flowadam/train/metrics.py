@@ -1,31 +1,25 @@
 """Held-out metrics with the artifact's prediction rule (clipping, cold start).
 
-Prediction for a (user, item): ``offset [+ b_u + b_i] + <U[u], V[i] [, W[c]]>``, clipped to
-the rating scale by default (as Surprise does). A user or item with no training rating is
-"cold": its factors were never fitted, so it gets ``global_mean`` plus whichever of the
-biases is known (0 for mf), exactly as the service does for unknown IDs.
+The rule itself (offset, biases, factors, context; cold users/items get ``global_mean`` plus
+whichever bias is known; clipping to the rating scale) is
+:class:`recsys_flowadam.models.prediction.RatingRule`, shared with ``evaluate`` and the
+service. :class:`Predictor` is that rule on torch tensors, evaluated in chunks without autograd.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import numpy as np
 import torch
 
-from recsys_flowadam.data.ratings import RatingScale
+from recsys_flowadam.models.prediction import RatingRule
 
 
-@dataclass(frozen=True)
-class Predictor:
-    """Model parameters plus what the prediction rule needs; all tensors on one device."""
+class Predictor(RatingRule):
+    """Model parameters plus what the prediction rule needs; all tensors on one device.
 
-    params: dict[str, torch.Tensor]
-    offset: float
-    global_mean: float
-    scale: RatingScale
-    seen_users: torch.Tensor  # bool (n_users,)
-    seen_items: torch.Tensor  # bool (n_items,)
+    ``Predictor(params, offset, global_mean, scale, seen_users, seen_items)``; an index < 0 is
+    an ID the model does not list (cold).
+    """
 
     def predict(
         self,
@@ -38,30 +32,10 @@ class Predictor:
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """``(predictions, cold)`` for index tensors; evaluated in chunks to bound memory."""
         outs, colds = [], []
-        p = {k: v.detach() for k, v in self.params.items()}
-        has_bias = "user_bias" in p
         with torch.no_grad():
             for start in range(0, users.shape[0], chunk):
-                u = users[start:start + chunk]
-                i = items[start:start + chunk]
                 c = None if contexts is None else contexts[start:start + chunk]
-                prod = p["user_factors"][u] * p["item_factors"][i]
-                if "context_factors" in p:
-                    w = p["context_factors"][c] if c is not None else p["context_factors"].mean(dim=0)
-                    prod = prod * w
-                pred = prod.sum(dim=1) + self.offset
-                su, si = self.seen_users[u], self.seen_items[i]
-                cold = ~(su & si)
-                if has_bias:
-                    bu = p["user_bias"][u]
-                    bi = p["item_bias"][i]
-                    pred = pred + bu + bi
-                    fallback = self.global_mean + torch.where(su, bu, 0.0) + torch.where(si, bi, 0.0)
-                else:
-                    fallback = torch.full_like(pred, self.global_mean)
-                pred = torch.where(cold, fallback, pred)
-                if clip:
-                    pred = pred.clamp(self.scale.min, self.scale.max)
+                pred, cold = self.rate(users[start:start + chunk], items[start:start + chunk], c, clip=clip)
                 outs.append(pred)
                 colds.append(cold)
         if not outs:
@@ -92,11 +66,13 @@ def evaluate_predictor(
 ) -> dict:
     """RMSE/MAE/n over given ratings; with ``breakdown`` also for cold users and cold items.
 
-    ``cold_users``: ratings whose user has no training rating; ``cold_items``: likewise items.
+    ``cold_users``: ratings whose user has no training rating (or is not listed); ``cold_items``:
+    likewise items.
     """
     pred, _cold = predictor.predict(users, items, contexts, clip=clip)
     out = rmse_mae(pred, values)
     if breakdown:
-        for label, sel in (("cold_users", ~predictor.seen_users[users]), ("cold_items", ~predictor.seen_items[items])):
+        known_user, known_item = predictor.known(users, items)
+        for label, sel in (("cold_users", ~known_user), ("cold_items", ~known_item)):
             out[label] = rmse_mae(pred[sel], values[sel])
     return out

@@ -1,0 +1,167 @@
+"""The rating rule of every model type, with cold start and clipping, on numpy or torch.
+
+For a user ``u``, item ``i`` (and context ``c`` for cp)::
+
+    rating = offset [+ b_u[u] + b_i[i]] + sum_k U[u,k] V[i,k] [W[c,k]]
+
+where cp without a context uses the mean of W over contexts (the expected rating over a
+uniformly chosen context). A user or item without training ratings has never-fitted factors,
+and an index < 0 stands for an ID the model does not list: either makes the pair *cold*, and a
+cold pair gets ``global_mean`` plus whichever of the two biases is known (0 for mf). Ratings
+are clipped to the rating scale unless asked not to.
+
+:class:`RatingRule` evaluates this on numpy arrays or torch tensors alike (the same operations
+in the same order, picked by the parameters' type), so training evaluation, ``evaluate`` and
+the service share one rule. :func:`fold_rows` is the same rule folded into augmented factor
+rows, whose dot product the service uses for predictions and inner-product top-k.
+
+This module imports numpy only; torch is used only for tensors its caller already made, so the
+numpy-only service can import it.
+"""
+
+from __future__ import annotations
+
+import sys
+from dataclasses import dataclass
+from types import ModuleType
+from typing import TYPE_CHECKING, Any, Mapping, Protocol
+
+import numpy as np
+
+if TYPE_CHECKING:
+    from recsys_flowadam.artifact import Artifact
+
+Array = Any  # a numpy.ndarray or a torch.Tensor; one call never mixes the two
+PARAM_NAMES = ("user_factors", "item_factors", "user_bias", "item_bias", "context_factors")
+
+
+class Scale(Protocol):
+    """The rating scale's bounds (``data.ratings.RatingScale``, the artifact's ``rating_scale``)."""
+
+    min: float
+    max: float
+
+
+def array_namespace(x: Array) -> ModuleType:
+    """``torch`` for a torch tensor (already imported by whoever made it), else ``numpy``."""
+    if type(x).__module__.partition(".")[0] == "torch":
+        return sys.modules["torch"]
+    return np
+
+
+def seen_mask(indices: Array, n: int) -> Array:
+    """Bool mask of length ``n``: which of ``0..n-1`` occur in ``indices`` (non-negative ints)."""
+    return array_namespace(indices).bincount(indices, minlength=n) > 0
+
+
+def seen_in_training(users: Array, items: Array, n_users: int, n_items: int) -> tuple[Array, Array]:
+    """``(seen_users, seen_items)``: which users / items have a training rating."""
+    return seen_mask(users, n_users), seen_mask(items, n_items)
+
+
+def seen_from_csr(indptr: np.ndarray, items: np.ndarray, n_items: int) -> tuple[np.ndarray, np.ndarray]:
+    """The same masks from an artifact's CSR of training pairs (``train_indptr``, ``train_items``)."""
+    return np.diff(indptr) > 0, seen_mask(items, n_items)
+
+
+def known(indices: Array, seen: Array) -> Array:
+    """Bool per index: listed (``>= 0``) and with training ratings, i.e. not cold."""
+    return (indices >= 0) & seen[indices.clip(min=0)]
+
+
+def known_bias(bias: Array, seen: Array) -> Array:
+    """The bias where it was fitted (a training rating exists), 0 elsewhere."""
+    return array_namespace(bias).where(seen, bias, 0.0)
+
+
+def clip_ratings(ratings: Array, scale: Scale) -> Array:
+    """Ratings clipped to the scale (as Surprise does)."""
+    return array_namespace(ratings).clip(ratings, scale.min, scale.max)
+
+
+@dataclass(frozen=True)
+class RatingRule:
+    """Model parameters plus what the rule needs; arrays all numpy or all torch (one device)."""
+
+    params: Mapping[str, Array]
+    offset: float
+    global_mean: float
+    scale: Scale
+    seen_users: Array  # bool (n_users,)
+    seen_items: Array  # bool (n_items,)
+
+    def known(self, users: Array, items: Array) -> tuple[Array, Array]:
+        """``(known_user, known_item)`` masks for index arrays (-1 = not listed)."""
+        return known(users, self.seen_users), known(items, self.seen_items)
+
+    def rate(self, users: Array, items: Array, contexts: Array | None = None, *,
+             clip: bool = True) -> tuple[Array, Array]:
+        """``(ratings, cold)`` for index arrays, one pass (callers chunk large inputs)."""
+        p = self.params
+        xp = array_namespace(p["user_factors"])
+        su, si = self.known(users, items)
+        u, i = users.clip(min=0), items.clip(min=0)  # cold rows are gathered but not used
+        prod = p["user_factors"][u] * p["item_factors"][i]
+        if "context_factors" in p:
+            w = p["context_factors"][contexts] if contexts is not None else p["context_factors"].mean(0)
+            prod = prod * w
+        pred = prod.sum(1) + self.offset
+        cold = ~(su & si)
+        if "user_bias" in p:
+            bu, bi = p["user_bias"][u], p["item_bias"][i]
+            pred = pred + bu + bi
+            fallback = self.global_mean + known_bias(bu, su) + known_bias(bi, si)
+        else:
+            fallback = xp.full_like(pred, self.global_mean)
+        pred = xp.where(cold, fallback, pred)
+        return (clip_ratings(pred, self.scale) if clip else pred), cold
+
+
+def rule_from_artifact(artifact: Artifact) -> RatingRule:
+    """The rule over an artifact's tensors (float32 numpy, not copied) and metadata."""
+    t, meta = artifact.tensors, artifact.meta
+    params = {name: np.asarray(t[name], dtype=np.float32) for name in PARAM_NAMES if name in t}
+    seen_users, seen_items = seen_from_csr(np.asarray(t["train_indptr"]), np.asarray(t["train_items"]),
+                                           meta.n_items)
+    return RatingRule(params, float(meta.prediction_offset), float(meta.global_mean), meta.rating_scale,
+                      seen_users, seen_items)
+
+
+def fold_rows(rule: RatingRule) -> tuple[np.ndarray, np.ndarray]:
+    """The rule on numpy as augmented float32 rows: ``rating(u, i) = user_rows[u] . item_rows[i]``.
+
+    Each has one extra (last) row for an ID not listed at all. With rank ``r``::
+
+        user_rows[u] = [U[u], 1, c_u, f_u]      item_rows[i] = [V[i], b_i, 1, e_i]
+        seen user:   c_u = offset + b_u, f_u = mean - offset;   cold user: U = 0, c_u = mean, f_u = 0
+        seen item:   e_i = 0;                                   cold item: V = 0, b_i = 0, e_i = 1
+
+    so the dot product is the rule for seen pairs and the cold-start value otherwise (before
+    clipping). For cp, V[i] is V[i] * mean_c W[c] (the rule without a context).
+    """
+    p, su, si = rule.params, rule.seen_users, rule.seen_items
+    U = np.asarray(p["user_factors"], dtype=np.float32)
+    V = np.asarray(p["item_factors"], dtype=np.float32)
+    if "context_factors" in p:
+        V = V * np.asarray(p["context_factors"], dtype=np.float64).mean(axis=0).astype(np.float32)
+    U = np.where(su[:, None], U, np.float32(0))
+    V = np.where(si[:, None], V, np.float32(0))
+    (n_users, rank), n_items = U.shape, V.shape[0]
+    has_bias = "user_bias" in p
+    bu = known_bias(p["user_bias"], su).astype(np.float32) if has_bias else np.zeros(n_users, np.float32)
+    bi = known_bias(p["item_bias"], si).astype(np.float32) if has_bias else np.zeros(n_items, np.float32)
+    offset, mean = rule.offset, rule.global_mean
+
+    user_rows = np.zeros((n_users + 1, rank + 3), np.float32)
+    user_rows[:n_users, :rank] = U
+    user_rows[:, rank] = 1.0
+    user_rows[:n_users, rank + 1] = np.where(su, offset + bu, mean)
+    user_rows[n_users, rank + 1] = mean
+    user_rows[:n_users, rank + 2] = np.where(su, mean - offset, 0.0)
+    item_rows = np.zeros((n_items + 1, rank + 3), np.float32)
+    item_rows[:n_items, :rank] = V
+    item_rows[:n_items, rank] = bi
+    item_rows[:, rank + 1] = 1.0
+    item_rows[:n_items, rank + 2] = ~si
+    item_rows[n_items, rank + 2] = 1.0
+    return user_rows, item_rows
