@@ -164,6 +164,44 @@ def test_refuses_to_replace_a_file(tmp_path: Path) -> None:
     assert (tmp_path / "model").read_text() == "not a folder"
 
 
+def test_refuses_a_folder_holding_other_files(tmp_path: Path) -> None:
+    """A user's own files are never swapped away: only an earlier artifact is replaced."""
+    target = tmp_path / "paper"
+    (target / "notes").mkdir(parents=True)
+    (target / "paper.tex").write_text("\\section{Results}")
+    (target / "notes" / "a.txt").write_text("keep me")
+    with pytest.raises(ArtifactError, match=r"not an artifact's \(notes/, paper.tex\)"):
+        save_artifact(target, *make_parts())
+    assert (target / "paper.tex").read_text() == "\\section{Results}"
+    assert (target / "notes" / "a.txt").read_text() == "keep me"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["paper"], "nothing written beside it"
+
+
+def test_replaces_an_artifact_with_its_companions_and_an_empty_folder(tmp_path: Path) -> None:
+    target = save_artifact(tmp_path / "model", *make_parts("mf", seed=1))
+    (target / "metrics.jsonl").write_text("{}\n")
+    (target / ".metrics.jsonl.abc123.tmp").write_text("left by a killed write")
+    with pytest.raises(ArtifactError, match="metrics.jsonl"):
+        save_artifact(target, *make_parts("biased-mf", seed=2))  # not declared a companion
+    save_artifact(target, *make_parts("biased-mf", seed=2), companions=("metrics.jsonl",))
+    assert load_artifact(target).meta.model_type == "biased-mf"
+    (tmp_path / "empty").mkdir()
+    assert load_artifact(save_artifact(tmp_path / "empty", *make_parts())).meta.n_users == 6
+
+
+def test_refuses_the_current_folder(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from recsys_flowadam.artifact import check_artifact_target
+
+    inner = tmp_path / "work"
+    inner.mkdir()
+    monkeypatch.chdir(inner)
+    for target in (Path("."), inner, tmp_path):
+        with pytest.raises(ArtifactError, match="current folder"):
+            save_artifact(target, *make_parts())
+    assert list(inner.iterdir()) == []
+    assert check_artifact_target("sub") == inner / "sub"
+
+
 # -- save refuses inconsistent input (and writes nothing) ---------------------------------------
 
 

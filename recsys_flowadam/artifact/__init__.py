@@ -8,7 +8,7 @@ is JSON validated by a pydantic model that rejects unknown fields.
 ``files`` reads and writes folders (atomic replacement, memory-mapped loading).
 """
 
-from .files import load_artifact, save_artifact
+from .files import check_artifact_target, load_artifact, save_artifact
 from .schema import (
     MODEL_JSON,
     MODEL_TENSORS,
@@ -21,6 +21,7 @@ from .schema import (
     TrainingData,
     VersionsInfo,
     expected_tensors,
+    make_artifact,
 )
 
 __all__ = [
@@ -34,7 +35,9 @@ __all__ = [
     "RatingScaleInfo",
     "TrainingData",
     "VersionsInfo",
+    "check_artifact_target",
     "expected_tensors",
     "load_artifact",
+    "make_artifact",
     "save_artifact",
 ]

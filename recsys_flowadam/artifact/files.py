@@ -32,20 +32,46 @@ from .schema import (
     ArtifactError,
     ArtifactMeta,
     check_tensors,
-    complete_meta,
     format_errors,
+    make_artifact,
 )
 
 # safetensors dtype tag -> numpy dtype (little-endian, as the format prescribes).
 _ST_DTYPES = {"F32": np.dtype("<f4"), "I64": np.dtype("<i8")}
 
 
-def _as_numpy(name: str, value: Any) -> np.ndarray:
-    if hasattr(value, "detach"):  # torch.Tensor, without importing torch here
-        value = value.detach().cpu().numpy()
-    if not isinstance(value, np.ndarray):
-        raise ArtifactError(f"tensor '{name}' must be a numpy array or torch tensor, got {type(value).__name__}")
-    return np.ascontiguousarray(value)
+def check_artifact_target(directory: str | Path, companions: tuple[str, ...] = ()) -> Path:
+    """Refuse a folder that :func:`save_artifact` must not replace; return its absolute path.
+
+    Saving replaces the folder as a whole, so it may only hold an earlier artifact: its two files,
+    the ``companions`` written beside them (the trainer's metric log and checkpoint) and their
+    temporary files. Anything else (a user's own files) makes this raise ArtifactError before any
+    work is done, as does the current folder or one above it (it cannot be swapped out from under
+    the running process). A missing or empty folder is fine.
+    """
+    directory = Path(directory)
+    absolute = Path(os.path.abspath(directory))
+    if directory.is_symlink() or (directory.exists() and not directory.is_dir()):
+        raise ArtifactError(f"{directory}: exists and is not a folder; refusing to replace it with an artifact")
+    cwd = Path.cwd()
+    if absolute == cwd or absolute in cwd.parents:
+        raise ArtifactError(f"{directory}: is the current folder (or holds it); an artifact replaces its folder "
+                            "as a whole, so name a folder of its own, e.g. models/my-model")
+    if not directory.is_dir():
+        return absolute
+    allowed = {MODEL_JSON, MODEL_TENSORS, *companions}
+    foreign = sorted(entry.name + ("/" if entry.is_dir() else "") for entry in directory.iterdir()
+                     if entry.name not in allowed and not _is_own_temporary(entry.name, allowed))
+    if foreign:
+        shown = ", ".join(foreign[:5]) + (f" and {len(foreign) - 5} more" if len(foreign) > 5 else "")
+        raise ArtifactError(f"{directory}: holds files that are not an artifact's ({shown}); saving replaces the "
+                            "folder as a whole, so choose another folder (new or empty, or an earlier artifact)")
+    return absolute
+
+
+def _is_own_temporary(name: str, allowed: set[str]) -> bool:
+    """A temporary file that an interrupted atomic write of one of ``allowed`` left behind."""
+    return name.startswith(".") and name.endswith(".tmp") and any(name.startswith(f".{a}.") for a in allowed)
 
 
 # --------------------------------------------------------------------------------------------
@@ -131,19 +157,21 @@ def save_artifact(
     directory: str | Path,
     tensors: Mapping[str, Any],
     meta: ArtifactMeta | Mapping[str, Any],
+    companions: tuple[str, ...] = (),
 ) -> Path:
     """Validate and write an artifact folder atomically; return its path.
 
     ``meta`` may be an :class:`ArtifactMeta` or a mapping; in a mapping, ``schema_version``,
     ``versions`` and ``created_at`` are filled in when absent. Torch tensors are moved to the
     CPU. Nothing is written unless tensors and metadata agree. An existing folder at
-    ``directory`` is replaced as a whole (files other than the two artifact files are dropped;
-    write companions such as a metrics log after saving).
+    ``directory`` must hold nothing but an earlier artifact (see :func:`check_artifact_target`;
+    ``companions`` names the files allowed beside the artifact's two) and is replaced as a whole:
+    write companions such as a metrics log after saving.
     """
-    directory = Path(directory)
-    meta = complete_meta(directory, meta)
-    arrays = {name: _as_numpy(name, value) for name, value in tensors.items()}
-    check_tensors(f"{directory}: {MODEL_TENSORS}", meta, arrays)
+    given = Path(directory)
+    artifact = make_artifact(tensors, meta, where=given)
+    directory = check_artifact_target(given, companions)
+    arrays, meta = artifact.tensors, artifact.meta
 
     parent = directory.parent
     parent.mkdir(parents=True, exist_ok=True)
@@ -154,7 +182,7 @@ def save_artifact(
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    return directory
+    return given
 
 
 # --------------------------------------------------------------------------------------------

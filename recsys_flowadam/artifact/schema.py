@@ -130,9 +130,10 @@ class ArtifactMeta(_Strict):
 
 @dataclass(frozen=True)
 class Artifact:
-    """A loaded artifact: its folder, validated metadata and read-only (memory-mapped) tensors."""
+    """A checked artifact: its folder (None while only in memory), validated metadata and tensors
+    (read-only and memory-mapped when loaded from a folder)."""
 
-    path: Path
+    path: Path | None
     meta: ArtifactMeta
     tensors: dict[str, np.ndarray]
 
@@ -176,6 +177,26 @@ def complete_meta(where: Path, meta: ArtifactMeta | Mapping[str, Any]) -> Artifa
         return ArtifactMeta.model_validate(data)
     except ValidationError as exc:
         raise ArtifactError(f"{where}: invalid metadata for {MODEL_JSON}: {format_errors(exc)}") from None
+
+
+def as_numpy(name: str, value: Any) -> np.ndarray:
+    """A tensor as a contiguous numpy array (torch tensors are moved to the CPU)."""
+    if hasattr(value, "detach"):  # torch.Tensor, without importing torch here
+        value = value.detach().cpu().numpy()
+    if not isinstance(value, np.ndarray):
+        raise ArtifactError(f"tensor '{name}' must be a numpy array or torch tensor, got {type(value).__name__}")
+    return np.ascontiguousarray(value)
+
+
+def make_artifact(tensors: Mapping[str, Any], meta: ArtifactMeta | Mapping[str, Any],
+                  where: Path | None = None) -> Artifact:
+    """An :class:`Artifact` checked exactly as :func:`save_artifact` checks one, without writing it
+    (the Python API holds a fitted model this way). ``where`` names it in errors and is its path."""
+    label = where if where is not None else Path("<in-memory artifact>")
+    meta = complete_meta(label, meta)
+    arrays = {name: as_numpy(name, value) for name, value in tensors.items()}
+    check_tensors(f"{label}: {MODEL_TENSORS}", meta, arrays)
+    return Artifact(path=where, meta=meta, tensors=arrays)
 
 
 def expected_tensors(meta: ArtifactMeta) -> dict[str, tuple[np.dtype, tuple[int, ...] | None]]:

@@ -5,33 +5,33 @@ from __future__ import annotations
 
 import re
 import time
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
 import numpy as np
 import torch
 
 from recsys_flowadam.data.ratings import Ratings
-from recsys_flowadam.train.export import artifact_payload, write_history
+from recsys_flowadam.artifact import check_artifact_target
 from recsys_flowadam.train.checkpoint import CHECKPOINT_NAME
+from recsys_flowadam.train.export import HISTORY_NAME, artifact_payload, write_history
 from recsys_flowadam.train.config import TrainConfig
 from recsys_flowadam.train.context import parse_context, time_bin_edges, with_time_contexts
 from recsys_flowadam.train.metrics import Predictor, evaluate_predictor
 from recsys_flowadam.train.trainer import resolve_device, train_model
 
+# what `train` writes beside an artifact's two files, and so may replace with it
+ARTIFACT_COMPANIONS = (CHECKPOINT_NAME, HISTORY_NAME)
 
-@dataclass
-class DataSettings:
-    """Which ratings to train on: dataset name, its split, loader options, context."""
+if TYPE_CHECKING:
+    from recsys_flowadam.data.splits import Split
+    from recsys_flowadam.train.distributed import DistContext
+    from recsys_flowadam.train.trainer import TrainResult
 
-    dataset: str
-    split: str = "random"
-    data_dir: str | None = None
-    offline: bool = False
-    clip_ratings: bool = False
-    data_options: dict[str, Any] = field(default_factory=dict)
-    context: str | None = None  # "time:N" for cp on MovieLens
+
+# which ratings to train on: the validated data settings model, under its former name
+from recsys_flowadam.train.config import DataConfig as DataSettings  # noqa: E402
 
 
 def concat_ratings(a: Ratings, b: Ratings) -> Ratings:
@@ -85,73 +85,105 @@ def evaluate_ratings(predictor: Predictor, ratings: Ratings, device: torch.devic
     return evaluate_predictor(predictor, users, items, values, contexts, clip=clip, breakdown=breakdown)
 
 
-def train_and_save(
-    data: DataSettings,
-    config: TrainConfig,
-    out: str | Path | None = None,
-    *,
-    resume: bool = False,
-    progress: bool = False,
-    on_step: Callable[[int], None] | None = None,
-) -> dict[str, Any]:
-    """The ``train`` command: returns the summary ``--json`` prints.
+def _merge_refit(first: TrainResult, refit: TrainResult, n_fit: int) -> TrainResult:
+    """The refit run's result carrying both runs' counters, time and history; the step counts
+    and stopping point of the first (early-stopped) run."""
+    refit.grad_evals += first.grad_evals
+    refit.diagnostics = {k: v + first.diagnostics[k] if isinstance(v, (int, float)) and not isinstance(v, bool)
+                         and isinstance(first.diagnostics.get(k), (int, float)) else v
+                         for k, v in refit.diagnostics.items()}  # counters of both runs
+    refit.train_seconds += first.train_seconds
+    refit.history = first.history + [{**h, "phase": "refit"} for h in refit.history]
+    refit.extra["refit"] = {"steps": refit.steps, "n_ratings": n_fit}
+    refit.best_step, refit.stopped, refit.steps = first.best_step, first.stopped, first.steps + refit.steps
+    return refit
 
-    Under ``torch.distributed`` every rank trains (on its shard); rank 0 alone evaluates and
-    writes the artifact, the other ranks return ``{"rank": r, "world_size": N, "out": ...}``.
-    """
-    from recsys_flowadam.artifact import save_artifact
+
+def _refit(first: TrainResult, train: Ratings, val: Ratings | None, config: TrainConfig,
+           progress: bool) -> tuple[TrainResult, Ratings]:
+    """``(result, fit_ratings)``: with ``config.refit`` and a validation part, a second run on
+    train + val for the early-stopped step count; otherwise the first run on train."""
+    if not (config.refit and val is not None and len(val)):
+        return first, train
+    fit_ratings = concat_ratings(train, val)
+    refit = train_model(fit_ratings, None, replace(config, steps=max(first.best_step, 1), epochs=None,
+                                                   patience=0, checkpoint_every=0), progress=progress)
+    return _merge_refit(first, refit, len(fit_ratings)), fit_ratings
+
+
+@dataclass
+class Fit:
+    """A finished training job: its result (refit included), the ratings the final model was
+    fitted on and the metrics so far; ``main``: this process evaluates and saves (rank 0)."""
+
+    result: TrainResult
+    fit_ratings: Ratings
+    metrics: dict[str, Any]
+    main: bool
+
+
+def fit_and_score(train: Ratings, val: Ratings | None, config: TrainConfig, *,
+                  checkpoint_path: Path | None = None, resume: bool = False, progress: bool = False,
+                  on_step: Callable[[int], None] | None = None) -> Fit:
+    """Train (early-stopping on ``val``), score the validation part, refit when asked: the part of
+    the ``train`` command after the data is loaded, shared with the Python API."""
     from recsys_flowadam.train.distributed import current as current_distributed
 
-    t_start = time.perf_counter()
-    out_dir = Path(out) if out is not None else default_out_dir(data.dataset, config.model, config.optimizer)
-    ratings, split, edges = load_split(data, config.seed)
-    result = train_model(split.train, split.val, config, checkpoint_path=out_dir / CHECKPOINT_NAME,
-                         resume=resume, progress=progress, on_step=on_step)
+    result = train_model(train, val, config, checkpoint_path=checkpoint_path, resume=resume, progress=progress,
+                         on_step=on_step)
     dctx = current_distributed()
     main = dctx is None or dctx.is_main
-    device = torch.device(result.device)
-    is_cp = config.model == "cp"
-    metrics: dict[str, Any] = {"n_train": len(split.train)}
+    metrics: dict[str, Any] = {"n_train": len(train)}
     if not main:
         pass  # rank 0 evaluates
-    elif len(split.val):
-        metrics.update(_metric_block("val", evaluate_ratings(result.predictor, split.val, device,
-                                                             clip=config.clip_predictions, use_contexts=is_cp)))
+    elif val is not None and len(val):
+        metrics.update(_metric_block("val", evaluate_ratings(result.predictor, val, torch.device(result.device),
+                                                             clip=config.clip_predictions,
+                                                             use_contexts=config.model == "cp")))
     else:
         metrics.update({"val_rmse": None, "val_mae": None, "n_val": 0})
-    fit_ratings = split.train
-    if config.refit and len(split.val):
-        # second run on train + val for the early-stopped step count; val metrics above stay the first run's
-        fit_ratings = concat_ratings(split.train, split.val)
-        first = result
-        result = train_model(fit_ratings, None, replace(config, steps=max(first.best_step, 1), epochs=None,
-                                                        patience=0, checkpoint_every=0), progress=progress)
-        result.grad_evals += first.grad_evals
-        result.diagnostics = {k: v + first.diagnostics[k] if isinstance(v, (int, float)) and not isinstance(v, bool)
-                              and isinstance(first.diagnostics.get(k), (int, float)) else v
-                              for k, v in result.diagnostics.items()}  # counters of both runs
-        result.train_seconds += first.train_seconds
-        result.history = first.history + [{**h, "phase": "refit"} for h in result.history]
-        result.extra["refit"] = {"steps": result.steps, "n_ratings": len(fit_ratings)}
-        result.best_step, result.stopped, result.steps = first.best_step, first.stopped, first.steps + result.steps
+    # val metrics above stay the first run's
+    result, fit_ratings = _refit(result, train, val, config, progress)
+    if fit_ratings is not train:
         metrics["n_train_refit"] = len(fit_ratings)
-    if not main:
-        return {"rank": dctx.rank, "world_size": dctx.world_size, "out": str(out_dir)}
-    metrics.update(_metric_block("test", evaluate_ratings(result.predictor, split.test, device,
-                                                          clip=config.clip_predictions, use_contexts=is_cp)))
-    metrics.update({"steps": result.steps, "best_step": result.best_step, "grad_evals": result.grad_evals,
-                    "stopped": result.stopped, "train_seconds": result.train_seconds,
-                    "final_train_loss": result.history[-1]["train_loss"] if result.history else None})
-    train_config = {**config.to_dict(), "dataset": data.dataset, "split": data.split, "data_dir": None,
-                    "data_options": data.data_options, "clip_ratings": data.clip_ratings,
-                    "context": data.context, "context_edges": edges, "representation_used": result.representation,
-                    "device_used": result.device,
-                    "objective": "mean loss over training ratings + reg*(||U||^2+||V||^2[+||W||^2]) "
-                                 "+ bias_reg*(||b_u||^2+||b_i||^2)"}
-    tensors, meta = artifact_payload(result, fit_ratings, dataset_name=data.dataset, split=data.split,
-                                     seed=config.seed, metrics=metrics, train_config=train_config)
-    save_artifact(out_dir, tensors, meta)
-    write_history(out_dir, result.history)
+    return Fit(result, fit_ratings, metrics, main)
+
+
+def _run_metrics(result: TrainResult) -> dict[str, Any]:
+    return {"steps": result.steps, "best_step": result.best_step, "grad_evals": result.grad_evals,
+            "stopped": result.stopped, "train_seconds": result.train_seconds,
+            "final_train_loss": result.history[-1]["train_loss"] if result.history else None}
+
+
+def _used(result: TrainResult) -> dict[str, Any]:
+    """What the artifact records beside the configuration: what the run used, and its objective."""
+    return {"representation_used": result.representation, "device_used": result.device,
+            "objective": "mean loss over training ratings + reg*(||U||^2+||V||^2[+||W||^2]) "
+                         "+ bias_reg*(||b_u||^2+||b_i||^2)"}
+
+
+def in_memory_artifact(fit: Fit, *, dataset_name: str, split: str, extra_config: dict[str, Any]):
+    """The artifact of a fit, checked as a saved one is, held in memory (the Python API's model)."""
+    from recsys_flowadam.artifact import make_artifact
+
+    config = fit.result.config
+    tensors, meta = artifact_payload(fit.result, fit.fit_ratings, dataset_name=dataset_name, split=split,
+                                     seed=config.seed, metrics={**fit.metrics, **_run_metrics(fit.result)},
+                                     train_config={**config.to_dict(), **extra_config, **_used(fit.result)})
+    return make_artifact(tensors, meta)
+
+
+def _artifact_train_config(data: DataSettings, config: TrainConfig, result: TrainResult,
+                           edges: list[float] | None) -> dict[str, Any]:
+    """The ``train_config`` the artifact records: the config plus data settings and what was used."""
+    return {**config.to_dict(), "dataset": data.dataset, "split": data.split, "data_dir": None,
+            "data_options": data.data_options, "clip_ratings": data.clip_ratings,
+            "context": data.context, "context_edges": edges, **_used(result)}
+
+
+def _summary(data: DataSettings, config: TrainConfig, split: Split, metrics: dict[str, Any], result: TrainResult,
+             out_dir: Path, t_start: float, dctx: DistContext | None) -> dict[str, Any]:
+    """The summary ``train --json`` prints."""
     diag = result.diagnostics
     return {
         "dataset": data.dataset, "model": config.model, "optimizer": config.optimizer, "split": data.split,
@@ -167,29 +199,86 @@ def train_and_save(
     }
 
 
-def predictor_from_artifact(artifact, device: torch.device) -> tuple[Predictor, int, int]:
-    """A :class:`Predictor` over an artifact's tensors plus one extra "unknown" row per mode,
-    so raw IDs the artifact does not know map to index ``n_users`` / ``n_items`` (cold)."""
-    from recsys_flowadam.data.ratings import RatingScale
+def train_and_save(
+    data: DataSettings,
+    config: TrainConfig,
+    out: str | Path | None = None,
+    *,
+    resume: bool = False,
+    progress: bool = False,
+    on_step: Callable[[int], None] | None = None,
+) -> dict[str, Any]:
+    """The ``train`` command: returns the summary ``--json`` prints.
 
-    meta = artifact.meta
-    t = artifact.tensors
-    params: dict[str, torch.Tensor] = {}
-    for name in ("user_factors", "item_factors", "user_bias", "item_bias"):
-        if name in t:
-            arr = np.asarray(t[name], dtype=np.float32)
-            pad = np.zeros((1,) + arr.shape[1:], dtype=np.float32)
-            params[name] = torch.from_numpy(np.concatenate([arr, pad])).to(device)
-    if "context_factors" in t:
-        params["context_factors"] = torch.from_numpy(np.array(t["context_factors"], dtype=np.float32)).to(device)
-    indptr = np.asarray(t["train_indptr"])
-    seen_users = np.append(np.diff(indptr) > 0, False)
-    seen_items = np.zeros(meta.n_items + 1, dtype=bool)
-    seen_items[np.asarray(t["train_items"])] = True
-    predictor = Predictor(params, meta.prediction_offset, meta.global_mean,
-                          RatingScale(meta.rating_scale.min, meta.rating_scale.max),
-                          torch.from_numpy(seen_users).to(device), torch.from_numpy(seen_items).to(device))
-    return predictor, meta.n_users, meta.n_items
+    Under ``torch.distributed`` every rank trains (on its shard); rank 0 alone evaluates and
+    writes the artifact, the other ranks return ``{"rank": r, "world_size": N, "out": ...}``.
+    """
+    from recsys_flowadam.train.distributed import current as current_distributed
+
+    t_start = time.perf_counter()
+    out_dir = Path(out) if out is not None else default_out_dir(data.dataset, config.model, config.optimizer)
+    dctx = current_distributed()
+    if dctx is None or dctx.is_main:
+        check_artifact_target(out_dir, ARTIFACT_COMPANIONS)  # before any work: never a user's folder
+    _ratings, split, edges = load_split(data, config.seed)
+    fit = fit_and_score(split.train, split.val, config, checkpoint_path=out_dir / CHECKPOINT_NAME, resume=resume,
+                        progress=progress, on_step=on_step)
+    if not fit.main:
+        return {"rank": dctx.rank, "world_size": dctx.world_size, "out": str(out_dir)}
+    result, metrics = fit.result, fit.metrics
+    metrics.update(_metric_block("test", evaluate_ratings(result.predictor, split.test, torch.device(result.device),
+                                                          clip=config.clip_predictions,
+                                                          use_contexts=config.model == "cp")))
+    metrics.update(_run_metrics(result))
+    tensors, meta = artifact_payload(result, fit.fit_ratings, dataset_name=data.dataset, split=data.split,
+                                     seed=config.seed, metrics=metrics,
+                                     train_config=_artifact_train_config(data, config, result, edges))
+    saved = save_or_rescue(out_dir, tensors, meta, result.history)
+    return _summary(data, config, split, metrics, result, saved, t_start, dctx)
+
+
+def save_or_rescue(out_dir: Path, tensors: dict[str, Any], meta: dict[str, Any],
+                   history: list[dict[str, Any]]) -> Path:
+    """Write the artifact and its metric history to ``out_dir``; if that fails (a full disk, a
+    folder that changed during training), write them to a new folder beside it (or in the
+    temporary folder) and raise ArtifactError naming both: a finished run is never lost."""
+    import tempfile
+
+    from recsys_flowadam.artifact import ArtifactError, save_artifact
+
+    try:
+        save_artifact(out_dir, tensors, meta, companions=ARTIFACT_COMPANIONS)
+        write_history(out_dir, history)
+        return out_dir
+    except (OSError, ArtifactError) as exc:
+        problem = exc
+    for parent in (out_dir.parent, Path(tempfile.gettempdir())):
+        try:
+            rescue = Path(tempfile.mkdtemp(prefix=f"{out_dir.name}.unsaved-", dir=parent))
+            save_artifact(rescue, tensors, meta)
+            write_history(rescue, history)
+        except (OSError, ArtifactError):
+            continue
+        raise ArtifactError(f"{out_dir}: could not save the trained model there ({problem}); it was saved to "
+                            f"{rescue} instead")
+    raise ArtifactError(f"{out_dir}: could not save the trained model ({problem}), nor in a folder beside it or "
+                        "in the temporary folder")
+
+
+def predictor_from_artifact(artifact, device: torch.device) -> Predictor:
+    """The artifact's prediction rule (:func:`rule_from_artifact`) as a :class:`Predictor` on
+    ``device``; index -1 stands for a raw ID the artifact does not list (cold)."""
+    from recsys_flowadam.data.ratings import RatingScale
+    from recsys_flowadam.models.prediction import rule_from_artifact
+
+    rule = rule_from_artifact(artifact)
+
+    def on_device(arr: np.ndarray) -> torch.Tensor:
+        return torch.from_numpy(np.array(arr)).to(device)  # a writable copy of the (read-only) mapping
+
+    return Predictor({name: on_device(p) for name, p in rule.params.items()}, rule.offset, rule.global_mean,
+                     RatingScale(rule.scale.min, rule.scale.max), on_device(rule.seen_users),
+                     on_device(rule.seen_items))
 
 
 def evaluate_artifact(
@@ -224,12 +313,11 @@ def evaluate_artifact(
     if same_data and meta.dataset.source_files and dict(ratings.source_files) != meta.dataset.source_files:
         warnings.append("the dataset's source files differ from those the model was trained on (sha256)")
     dev = resolve_device(device)
-    predictor, n_users, n_items = predictor_from_artifact(art, dev)
+    predictor = predictor_from_artifact(art, dev)
     test = sp.test
+    # -1 where the artifact does not list the raw ID: the rule's cold start
     u_idx = pd.Index(meta.user_ids).get_indexer(test.user_ids[test.users].astype(str))
     i_idx = pd.Index(meta.item_ids).get_indexer(test.item_ids[test.items].astype(str))
-    u_idx = np.where(u_idx < 0, n_users, u_idx)
-    i_idx = np.where(i_idx < 0, n_items, i_idx)
     contexts = None
     if meta.model_type == "cp" and test.contexts is not None:
         contexts = torch.from_numpy(np.minimum(test.contexts, meta.n_contexts - 1)).to(dev)
