@@ -10,18 +10,11 @@ from __future__ import annotations
 
 import argparse
 import importlib
-import os
 import sys
-
-# OpenMP threads (torch, implicit) spin-wait between parallel regions by default. On a machine
-# whose cores are busy with anything else, the spinning thread steals the core the work needs:
-# `train` on ML-100K took 40 s with 2 threads against 3.2 s with 1 on this 2-core box while
-# one other process ran, and 3.1 s with 2 threads under PASSIVE. It must be set before the
-# OpenMP runtime starts, i.e. before torch is imported (group modules import it lazily).
-# A user's own setting wins.
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 from typing import Sequence
 
+# importing the package sets OMP_WAIT_POLICY=PASSIVE (see recsys_flowadam/__init__.py) before
+# any group module imports torch
 from recsys_flowadam import __version__
 
 # Order is the order shown in --help; a group whose module is absent is not offered.
