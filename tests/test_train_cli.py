@@ -191,3 +191,39 @@ def test_cp_on_a_synthetic_tensor_end_to_end(tmp_path, capsys):
     assert s["test_rmse"] < 0.5  # noise 0.1 on a unit-scale rank-2 tensor
     ev = _run_json(capsys, ["evaluate", str(out), "--json"])
     assert ev["rmse"] == pytest.approx(s["test_rmse"], rel=1e-6)
+
+
+def test_out_holding_other_files_is_refused_before_training(tmp_path, capsys, monkeypatch):
+    import recsys_flowadam.train.pipeline as pipeline
+
+    target = tmp_path / "thesis"
+    (target / "notes").mkdir(parents=True)
+    (target / "paper.tex").write_text("draft")
+    (target / "notes" / "a.txt").write_text("keep")
+    monkeypatch.setattr(pipeline, "load_split", lambda *a, **k: pytest.fail("data loaded before the check"))
+    assert main(["train", *SYN, "--steps", "5", "--out", str(target)]) == 2
+    assert "not an artifact's (notes/, paper.tex)" in capsys.readouterr().err
+    assert (target / "paper.tex").read_text() == "draft" and (target / "notes" / "a.txt").read_text() == "keep"
+    monkeypatch.chdir(target)
+    assert main(["train", *SYN, "--steps", "5", "--out", "."]) == 2
+    assert "current folder" in capsys.readouterr().err
+
+
+def test_a_failed_save_keeps_the_trained_model(tmp_path, capsys, monkeypatch):
+    import recsys_flowadam.artifact.files as files
+    from recsys_flowadam.artifact import load_artifact
+
+    real_move = files._move_into_place
+
+    def full_disk_for_out(tmp, directory):
+        if directory.name == "out":
+            raise OSError(28, "No space left on device")
+        return real_move(tmp, directory)
+
+    monkeypatch.setattr(files, "_move_into_place", full_disk_for_out)
+    assert main(["train", *SYN, "--optimizer", "adam", "--steps", "5", "--out", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err
+    assert "No space left on device" in err and "saved to" in err
+    rescued = [p for p in tmp_path.iterdir() if p.name.startswith("out.unsaved-")]
+    assert len(rescued) == 1 and load_artifact(rescued[0]).meta.model_type == "biased-mf"
+    assert (rescued[0] / "metrics.jsonl").is_file()
