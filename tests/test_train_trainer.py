@@ -192,6 +192,31 @@ def test_resume_refuses_a_different_run(data, tmp_path):
         train_model(train, val, cfg, checkpoint_path=tmp_path / "missing", resume=True)
 
 
+def test_resume_refuses_other_ratings_with_the_same_size_and_sum(data, tmp_path):
+    """Swapping which entries hold which values keeps n and the sum: the digest still tells."""
+    from dataclasses import replace
+
+    train, val, _ = data
+    cfg = TrainConfig(model="mf", rank=3, optimizer="adam", steps=10, checkpoint_every=5, patience=0)
+    ckpt = tmp_path / "c.safetensors"
+    train_model(train, val, cfg, checkpoint_path=ckpt, data_identity={"dataset": "d", "split": "u1"})
+    values = train.values.copy()
+    hi, lo = int(np.argmax(values)), int(np.argmin(values))
+    values[[hi, lo]] = values[[lo, hi]]
+    swapped = replace(train, values=values)
+    assert float(swapped.values.sum(dtype="float64")) == float(train.values.sum(dtype="float64"))
+    with pytest.raises(CheckpointError, match="data: ratings_sha256"):
+        train_model(swapped, val, cfg, checkpoint_path=ckpt, resume=True, data_identity={"dataset": "d", "split": "u1"})
+    with pytest.raises(CheckpointError, match=r"split \('u1' -> 'u2'\)"):
+        train_model(train, val, cfg, checkpoint_path=ckpt, resume=True, data_identity={"dataset": "d", "split": "u2"})
+    with pytest.raises(CheckpointError, match="at step 10, past this run's limit of 5"):
+        train_model(train, val, replace(cfg, steps=5), checkpoint_path=ckpt, resume=True,
+                    data_identity={"dataset": "d", "split": "u1"})
+    resumed = train_model(train, val, replace(cfg, steps=12), checkpoint_path=ckpt, resume=True,
+                          data_identity={"dataset": "d", "split": "u1"})
+    assert resumed.resumed_from == 10 and resumed.steps == 12
+
+
 def test_cp_tensor_model_trains_on_contexts():
     train, val, _ = low_rank_split(n_users=40, n_items=30, n_contexts=4, density=0.3, rank=2)
     res = train_model(train, val, TrainConfig(model="cp", rank=2, lr=0.03, optimizer="adam", steps=300,
@@ -222,3 +247,167 @@ def test_cuda_training_matches_cpu(data, representation, batch):
     assert gpu.best_val_rmse == pytest.approx(cpu.best_val_rmse, rel=1e-6)
     for name in cpu.params:
         torch.testing.assert_close(gpu.params[name].cpu(), cpu.params[name], rtol=1e-5, atol=1e-7)
+
+
+# ---------------------------------------------------------------- the loop's parts, one at a time
+
+
+def _coords(n, seed=0):
+    from recsys_flowadam.models import Coords
+
+    g = torch.Generator().manual_seed(seed)
+    return Coords(torch.randint(0, 7, (n,), generator=g), torch.randint(0, 5, (n,), generator=g),
+                  torch.arange(n, dtype=torch.float64))
+
+
+def test_evaluator_early_stopping_rule_and_best_snapshot(monkeypatch):
+    from recsys_flowadam.train import evaluator as ev
+    from recsys_flowadam.train.loop_state import LoopState
+
+    rmses = iter([1.0, 0.95, 0.949, 0.96, 0.90, 0.91, 0.92, 0.93])
+    monkeypatch.setattr(ev, "evaluate_predictor", lambda *a, **k: {"rmse": next(rmses), "mae": 0.0})
+    params = {"user_factors": torch.zeros(2)}
+    cfg = TrainConfig(eval_every=5, patience=3, min_delta=0.01)
+    e = ev.Evaluator(None, params, _coords(4), cfg)
+    st = LoopState()
+    stops = []
+    for step in range(5, 45, 5):
+        st.step = step
+        params["user_factors"] += 1.0  # the parameters at step s hold s / 5
+        assert e.due(step, last=False) and not e.due(step + 1, last=False) and e.due(step + 1, last=True)
+        e.validate(st)
+        stops.append(e.decide_stop(st))
+    # 0.949 is no improvement by more than min_delta on 0.95; 0.90 is; then three bad ones stop
+    assert stops == [False, False, False, False, False, False, False, True]
+    assert (st.best_val, st.best_step, st.bad_evals) == (0.90, 25, 3)
+    e.finish(st)
+    assert torch.equal(params["user_factors"], torch.full((2,), 5.0))  # the snapshot of step 25 is back
+
+    never = ev.Evaluator(None, params, _coords(4), TrainConfig(patience=0))
+    st = LoopState(bad_evals=99)
+    assert not never.patience_spent(st) and not never.decide_stop(st)
+    no_val = ev.Evaluator(None, params, None, cfg)
+    st = LoopState(step=17, bad_evals=99)
+    assert no_val.validate(st) is None and not no_val.decide_stop(st) and no_val.best_val_rmse(st) is None
+    no_val.finish(st)
+    assert st.best_step == 17  # without validation the last step is the best
+
+
+def test_broadcast_stop_takes_rank_zeros_decision():
+    from recsys_flowadam.train.evaluator import BroadcastStop
+    from recsys_flowadam.train.loop_state import LoopState
+
+    class FakeGroup:  # rank 0 says: stop, best step 40
+        def broadcast_ints(self, values, what, device):
+            self.sent = (values, what)
+            return [1, 40]
+
+    group = FakeGroup()
+    st = LoopState(step=55, best_step=0)
+    assert BroadcastStop(group, torch.device("cpu"))(False, st) is True
+    assert st.best_step == 40 and group.sent == ([False, 0], "the early-stopping broadcast (step 55)")
+
+
+def test_loop_state_round_trips_through_a_checkpoint(tmp_path):
+    from recsys_flowadam.train.loop_state import LoopState, Snapshot, fingerprint, load_snapshot, save_snapshot
+
+    train, _, _ = low_rank_split(n_users=20, n_items=10)
+    cfg = TrainConfig(model="mf", rank=2, steps=10)
+    params = {"user_factors": torch.randn(20, 2), "item_factors": torch.randn(10, 2)}
+    opt = torch.optim.Adam(params.values(), lr=0.1)
+    for p in params.values():
+        p.grad = torch.ones_like(p)
+    opt.step()
+    gen = torch.Generator().manual_seed(3)
+    torch.randperm(50, generator=gen)
+    state = LoopState(step=12, grad_evals=30, best_val=0.8, best_step=10, bad_evals=1, elapsed=1.5, batch_pos=2,
+                      epoch=3, loss_sum=0.25, loss_count=2, checkpoint_step=12,
+                      history=[{"step": 10, "epoch": 2.5, "train_loss": 0.3, "grad_evals": 25, "val_rmse": 0.8}])
+    best = {k: p + 1 for k, p in params.items()}
+    fp = fingerprint(cfg, train)
+    path = tmp_path / "c.safetensors"
+    save_snapshot(path, Snapshot(state, params, best, opt.state_dict(), gen.get_state()), fp)
+
+    back = load_snapshot(path, fp, list(params))
+    assert back.loop == state
+    assert all(torch.equal(back.params[k], params[k]) and torch.equal(back.best[k], best[k]) for k in params)
+    assert torch.equal(back.shuffle_state, gen.get_state())
+    fresh = torch.optim.Adam([torch.zeros(20, 2), torch.zeros(10, 2)], lr=0.1)
+    fresh.load_state_dict(back.optimizer)
+    assert torch.equal(fresh.state_dict()["state"][0]["exp_avg"], opt.state_dict()["state"][0]["exp_avg"])
+    # the resumable fields may change; others may not (named), nor the data
+    assert fingerprint(TrainConfig(model="mf", rank=2, steps=99, device="cpu"), train) == fp
+    with pytest.raises(CheckpointError, match=r"config fields: lr$"):
+        load_snapshot(path, fingerprint(TrainConfig(model="mf", rank=2, lr=0.5), train), list(params))
+    with pytest.raises(CheckpointError, match="data: n_train"):
+        load_snapshot(path, fingerprint(cfg, low_rank_split(n_users=20, n_items=10, seed=1)[0]), list(params))
+    assert "world_size" in fingerprint(cfg, train, world_size=2)["config"]
+    with pytest.raises(CheckpointError, match="unknown loop fields"):
+        LoopState.from_dict({"step": 1, "lr": 0.1})
+
+
+def test_local_minibatches_cover_each_epoch_and_resume_mid_epoch():
+    from recsys_flowadam.train.batches import LocalData, make_batch_source
+    from recsys_flowadam.train.loop_state import LoopState
+
+    coords = _coords(23)
+    data = LocalData(coords, None)
+
+    def run(source, state, steps):
+        return [source.next(state).coords.values.tolist() for _ in range(steps)]
+
+    src, st = make_batch_source(data, True, 5, seed=4, device=torch.device("cpu")), LoopState()
+    assert src.n_batches == 5
+    batches = run(src, st, 12)  # 2 epochs and 2 batches
+    for epoch in (batches[:5], batches[5:10]):
+        assert sorted(v for b in epoch for v in b) == list(range(23))
+    assert batches[:5] != batches[5:10]  # reshuffled every epoch
+    assert (st.epoch, st.batch_pos, src.epoch_label(st), src.epochs_done(st)) == (2, 2, 2.4, 2.4)
+    # a source restored from (state, shuffle state) mid-epoch continues exactly
+    saved, shuffle_state = LoopState(epoch=st.epoch, batch_pos=st.batch_pos), src.shuffle_state.clone()
+    rest = run(src, st, 6)
+    other = make_batch_source(data, True, 5, seed=4, device=torch.device("cpu"))
+    other.restore(saved, shuffle_state)
+    assert run(other, saved, 6) == rest
+
+    full, st = make_batch_source(data, False, None, seed=4, device=torch.device("cpu")), LoopState()
+    assert full.next(st).coords is None and st.epoch == 1 and full.n_batches == 1
+
+
+def test_shard_minibatches_split_each_global_batch_between_ranks():
+    from recsys_flowadam.models import Objective
+    from recsys_flowadam.train.batches import ShardData, make_batch_source
+    from recsys_flowadam.train.distributed import DistContext
+    from recsys_flowadam.train.loop_state import LoopState
+
+    coords, objective = _coords(41), Objective(reg=0.1)  # shards of 21 and 20: rank 1 may run out in the last batch
+    ranks = [ShardData(coords, objective, DistContext(r, 2, r, "gloo", 1.0), seed=5, device=torch.device("cpu"))
+             for r in (0, 1)]
+    # the shards' paths compute the data term only; rank 0 adds the penalty in the all-reduce
+    assert ranks[0].path_objective.reg == 0.0 and ranks[0].penalty is objective and ranks[1].penalty is None
+    assert [len(d.coords) for d in ranks] == [21, 20] and ranks[0].largest == 21
+    assert sorted(ranks[0].coords.values.tolist() + ranks[1].coords.values.tolist()) == list(range(41))
+    sources = [make_batch_source(d, True, 10, seed=3, device=torch.device("cpu")) for d in ranks]
+    states = [LoopState(), LoopState()]
+    assert sources[0].n_batches == 5  # 5 ratings per rank per batch, over the longest shard
+    seen = []
+    for _ in range(3 * 5):
+        b0, b1 = (s.next(st) for s, st in zip(sources, states))
+        seen += b0.coords.values.tolist() + b1.coords.values.tolist()
+        assert len(b0.coords) + len(b1.coords) <= 10
+        assert b0.share + b1.share == pytest.approx(1.0)
+        assert b0.share == pytest.approx(len(b0.coords) / (len(b0.coords) + len(b1.coords)))
+    assert states[0] == states[1] and states[0].epoch == 3
+    for epoch in range(3):  # every rating once per epoch
+        assert sorted(seen[epoch * 41:(epoch + 1) * 41]) == list(range(41))
+    with pytest.raises(ValueError, match="cannot be split over 4 ranks"):
+        ShardData(_coords(3), objective, DistContext(0, 4, 0, "gloo", 1.0), seed=5, device=torch.device("cpu"))
+
+
+def test_step_limit_takes_whichever_ends_first():
+    from recsys_flowadam.train.batches import step_limit
+
+    assert step_limit(TrainConfig(), 7) == TrainConfig.DEFAULT_STEPS
+    assert step_limit(TrainConfig(steps=50), 7) == 50
+    assert step_limit(TrainConfig(epochs=3), 7) == 21
+    assert step_limit(TrainConfig(steps=10, epochs=3), 7) == 10

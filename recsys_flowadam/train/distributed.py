@@ -19,6 +19,11 @@ Scheme (every rank holds the full, identical parameters; only the ratings are sp
 - rank 0 evaluates, logs, writes checkpoints and the artifact, and broadcasts the early-stopping
   decision; the other ranks stay silent.
 
+In the trainer this scheme is a choice of parts, not branches through the loop:
+``batches.ShardData`` (the shard, and :func:`reduce_closure_result` as its gradient reduction),
+``batches.ShardMiniBatches`` (each rank's share of a global mini-batch) and
+``evaluator.BroadcastStop`` (rank 0's early-stopping decision on every rank).
+
 Why an explicit all-reduce and not ``DistributedDataParallel``: DDP hooks autograd's backward
 pass, but the full-batch paths write ``.grad`` analytically (matmuls / SpMM, no autograd graph),
 so DDP would never fire; and FlowAdam (ODE stages) and L-BFGS (line search) re-evaluate the

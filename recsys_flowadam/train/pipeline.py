@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import re
 import time
-from dataclasses import dataclass, replace
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable
 
@@ -124,13 +124,13 @@ class Fit:
 
 def fit_and_score(train: Ratings, val: Ratings | None, config: TrainConfig, *,
                   checkpoint_path: Path | None = None, resume: bool = False, progress: bool = False,
-                  on_step: Callable[[int], None] | None = None) -> Fit:
+                  on_step: Callable[[int], None] | None = None, data_identity: dict[str, Any] | None = None) -> Fit:
     """Train (early-stopping on ``val``), score the validation part, refit when asked: the part of
     the ``train`` command after the data is loaded, shared with the Python API."""
     from recsys_flowadam.train.distributed import current as current_distributed
 
     result = train_model(train, val, config, checkpoint_path=checkpoint_path, resume=resume, progress=progress,
-                         on_step=on_step)
+                         on_step=on_step, data_identity=data_identity)
     dctx = current_distributed()
     main = dctx is None or dctx.is_main
     metrics: dict[str, Any] = {"n_train": len(train)}
@@ -221,8 +221,9 @@ def train_and_save(
     if dctx is None or dctx.is_main:
         check_artifact_target(out_dir, ARTIFACT_COMPANIONS)  # before any work: never a user's folder
     _ratings, split, edges = load_split(data, config.seed)
+    identity = {k: v for k, v in asdict(data).items() if k not in ("data_dir", "offline")}  # where, not what
     fit = fit_and_score(split.train, split.val, config, checkpoint_path=out_dir / CHECKPOINT_NAME, resume=resume,
-                        progress=progress, on_step=on_step)
+                        progress=progress, on_step=on_step, data_identity=identity)
     if not fit.main:
         return {"rank": dctx.rank, "world_size": dctx.world_size, "out": str(out_dir)}
     result, metrics = fit.result, fit.metrics

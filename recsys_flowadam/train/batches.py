@@ -1,0 +1,282 @@
+"""Batch sources and gradient reductions: what each closure call computes its gradient on,
+and how that gradient reaches ``.grad``.
+
+Two choices, both made once before the loop starts:
+
+- the data (:func:`place_training_data`): :class:`LocalData`, all training ratings in this
+  process, whose gradient is written straight into ``.grad``; or :class:`ShardData`, this
+  rank's shard of a seeded balanced partition (see ``distributed``), whose path computes the
+  data term only and whose every closure call all-reduces [gradients, loss] (rank 0 adds the
+  L2 penalty once);
+- the batches (:func:`make_batch_source`): :class:`FullBatch`, every step sees all the data;
+  or mini-batches, reshuffled every epoch by the shuffle generator (a CPU generator seeded
+  ``seed + 1``). :class:`LocalMiniBatches` permutes the ratings; :class:`ShardMiniBatches`
+  has every rank draw the same permutation of ``range(largest shard)`` and keep the positions
+  inside its own shard, so ``batch_size`` is the global batch and each rank takes its share.
+
+:class:`GradientClosure` is the optimizer's closure: the loss and gradient of the current
+batch, reduced by the data's rule. Nothing in the loop asks whether it runs distributed.
+"""
+
+from __future__ import annotations
+
+import math
+from abc import ABC, abstractmethod
+from dataclasses import dataclass, replace
+from typing import Any, Protocol
+
+import torch
+
+from recsys_flowadam.models import Coords, Objective
+from recsys_flowadam.train.config import TrainConfig
+from recsys_flowadam.train.distributed import DistContext, reduce_closure_result
+from recsys_flowadam.train.loop_state import LoopState
+
+
+@dataclass(frozen=True)
+class Batch:
+    """One closure's data: ``coords`` (None: the path's own, i.e. the full batch) and this
+    process's ``share`` of the global count of ratings in the step (weights the all-reduce)."""
+
+    coords: Coords | None
+    share: float
+
+
+class BatchSource(Protocol):
+    """Hands the loop each step's batch and keeps ``state.epoch``/``state.batch_pos``."""
+
+    n_batches: int
+    shuffle_state: torch.Tensor  # the shuffle generator at the start of the current epoch
+
+    def next(self, state: LoopState) -> Batch: ...
+
+    def restore(self, state: LoopState, shuffle_state: torch.Tensor) -> None: ...
+
+    def epoch_label(self, state: LoopState) -> float: ...
+
+    def epochs_done(self, state: LoopState) -> float: ...
+
+
+class DataPlacement(ABC):
+    """The ratings this process computes gradients on, and how a gradient is reduced.
+
+    ``coords``/``path_objective``: what the gradient path is built from; ``n_global``: the
+    training ratings of all processes; ``largest``: the largest process's count (sizes the
+    representation, so every rank picks the same); ``extra``: what the result records.
+    """
+
+    coords: Coords
+    path_objective: Objective
+    n_global: int
+    largest: int
+    world_size: int
+    is_main: bool
+    extra: dict[str, Any]
+
+    @property
+    def full_share(self) -> float:
+        """This process's share of a full batch."""
+        return len(self.coords) / self.n_global
+
+    @abstractmethod
+    def reduce(self, params: dict[str, torch.Tensor], loss: torch.Tensor, grads: dict[str, torch.Tensor],
+               share: float) -> torch.Tensor:
+        """Set ``p.grad`` from this process's ``grads`` (a mean over its ``share`` of the batch);
+        return the loss of the whole batch."""
+
+    @abstractmethod
+    def mini_batches(self, batch_size: int, gen: torch.Generator, device: torch.device) -> BatchSource:
+        """Mini-batches of ``batch_size`` ratings (over all processes) shuffled by ``gen``."""
+
+
+class LocalData(DataPlacement):
+    """All training ratings in this process; the gradient goes straight into ``.grad``."""
+
+    def __init__(self, coords: Coords, objective: Objective) -> None:
+        self.coords, self.path_objective = coords, objective
+        self.n_global = self.largest = len(coords)
+        self.world_size, self.is_main, self.extra = 1, True, {}
+
+    def reduce(self, params: dict[str, torch.Tensor], loss: torch.Tensor, grads: dict[str, torch.Tensor],
+               share: float) -> torch.Tensor:
+        """``grads`` into ``.grad``; the loss as it is (``share`` is 1 here)."""
+        for k, p in params.items():
+            p.grad = grads[k]
+        return loss
+
+    def mini_batches(self, batch_size: int, gen: torch.Generator, device: torch.device) -> BatchSource:
+        return LocalMiniBatches(self.coords, min(batch_size, len(self.coords)), gen, device)
+
+
+class ShardData(DataPlacement):
+    """This rank's shard of the training ratings; every closure call all-reduces."""
+
+    def __init__(self, coords: Coords, objective: Objective, dctx: DistContext, seed: int,
+                 device: torch.device) -> None:
+        self.shard_sizes = dctx.shard_sizes(len(coords))
+        if min(self.shard_sizes) == 0:
+            raise ValueError(f"{len(coords)} training ratings cannot be split over {dctx.world_size} ranks")
+        self.dctx = dctx
+        self.n_global, self.largest = len(coords), max(self.shard_sizes)
+        self.world_size, self.is_main, self.extra = dctx.world_size, dctx.is_main, {"world_size": dctx.world_size}
+        self.coords = coords.select(dctx.partition(len(coords), seed).to(device))
+        # the shard's path computes the data term only; rank 0 adds the penalty, once
+        self.path_objective = replace(objective, reg=0.0, bias_reg=0.0, weights=None)
+        self.penalty = objective if dctx.is_main else None
+
+    def reduce(self, params: dict[str, torch.Tensor], loss: torch.Tensor, grads: dict[str, torch.Tensor],
+               share: float) -> torch.Tensor:
+        """Shard mean -> sum / n_global, + the penalty on rank 0, in one all-reduce."""
+        return reduce_closure_result(self.dctx, params, loss, grads, share, self.penalty)
+
+    def mini_batches(self, batch_size: int, gen: torch.Generator, device: torch.device) -> BatchSource:
+        per_rank = max(1, min(math.ceil(batch_size / self.world_size), self.largest))
+        return ShardMiniBatches(self.coords, self.shard_sizes, per_rank, gen, device)
+
+
+def place_training_data(coords: Coords, objective: Objective, dctx: DistContext | None, seed: int,
+                        device: torch.device) -> DataPlacement:
+    """All of ``coords`` here, or this rank's shard of them when ``dctx`` is a process group."""
+    if dctx is None:
+        return LocalData(coords, objective)
+    return ShardData(coords, objective, dctx, seed, device)
+
+
+class GradientClosure:
+    """The optimizer's closure: loss and gradients of ``batch`` on ``path``, reduced by ``data``.
+
+    ``path``: the dense or sparse path (full batch: ``loss_and_grad(params)``) or the autograd
+    path (mini-batches: ``loss_and_grad(params, coords)``); the loop sets ``batch`` each step.
+    """
+
+    def __init__(self, path: Any, params: dict[str, torch.Tensor], data: DataPlacement) -> None:
+        self.path, self.params, self.data = path, params, data
+        self.batch = Batch(None, data.full_share)
+
+    def __call__(self) -> torch.Tensor:
+        coords = self.batch.coords
+        if coords is None:
+            loss, grads = self.path.loss_and_grad(self.params)
+        elif len(coords):
+            loss, grads = self.path.loss_and_grad(self.params, coords)
+        else:  # this rank's shard ran out in the epoch's last batch
+            loss = self.params["user_factors"].new_zeros(())
+            grads = {k: torch.zeros_like(p) for k, p in self.params.items()}
+        return self.data.reduce(self.params, loss, grads, self.batch.share)
+
+
+class FullBatch:
+    """Every step on all of the data; a step is an epoch."""
+
+    n_batches = 1
+
+    def __init__(self, share: float, shuffle_state: torch.Tensor) -> None:
+        self._batch = Batch(None, share)
+        self.shuffle_state = shuffle_state  # unused, but checkpointed like the mini-batch one
+
+    def next(self, state: LoopState) -> Batch:
+        state.epoch += 1
+        return self._batch
+
+    def restore(self, state: LoopState, shuffle_state: torch.Tensor) -> None:
+        self.shuffle_state = shuffle_state
+
+    def epoch_label(self, state: LoopState) -> float:
+        return state.epoch
+
+    def epochs_done(self, state: LoopState) -> float:
+        return float(state.step)
+
+
+class _MiniBatches(ABC):
+    """Consecutive slices of a fresh permutation each epoch; subclasses draw and take."""
+
+    def __init__(self, coords: Coords, n: int, batch_size: int, gen: torch.Generator, device: torch.device) -> None:
+        self.coords, self.batch_size, self.gen, self.device = coords, batch_size, gen, device
+        self.n_batches = math.ceil(n / batch_size)
+        self.shuffle_state = gen.get_state()
+        self._perm: torch.Tensor | None = None
+
+    @abstractmethod
+    def _draw(self) -> torch.Tensor:
+        """This epoch's order (one ``randperm`` call on the shuffle generator)."""
+
+    @abstractmethod
+    def _take(self, positions: torch.Tensor) -> Batch:
+        """The batch at ``positions`` of the order."""
+
+    def next(self, state: LoopState) -> Batch:
+        """The batch at ``state.batch_pos`` (a new order when an epoch starts); advances the position."""
+        if state.batch_pos == 0:
+            self.shuffle_state = self.gen.get_state()
+            self._perm = self._draw()
+        assert self._perm is not None
+        lo = state.batch_pos * self.batch_size
+        batch = self._take(self._perm[lo:lo + self.batch_size])
+        state.batch_pos += 1
+        if state.batch_pos == self.n_batches:
+            state.batch_pos = 0
+            state.epoch += 1
+        return batch
+
+    def restore(self, state: LoopState, shuffle_state: torch.Tensor) -> None:
+        """Rewind the generator to the saved epoch's start; mid-epoch, redraw that epoch's order."""
+        self.shuffle_state = shuffle_state
+        self.gen.set_state(shuffle_state)
+        if state.batch_pos > 0:
+            self._perm = self._draw()
+
+    def epoch_label(self, state: LoopState) -> float:
+        return round(state.epoch + state.batch_pos / self.n_batches, 4)
+
+    def epochs_done(self, state: LoopState) -> float:
+        return state.epoch + state.batch_pos / self.n_batches
+
+
+class LocalMiniBatches(_MiniBatches):
+    """Mini-batches of all the ratings: a permutation of them, on the device."""
+
+    def __init__(self, coords: Coords, batch_size: int, gen: torch.Generator, device: torch.device) -> None:
+        super().__init__(coords, len(coords), batch_size, gen, device)
+
+    def _draw(self) -> torch.Tensor:
+        return torch.randperm(len(self.coords), generator=self.gen).to(self.device)
+
+    def _take(self, positions: torch.Tensor) -> Batch:
+        return Batch(self.coords.select(positions), 1.0)
+
+
+class ShardMiniBatches(_MiniBatches):
+    """This rank's share of global batches: positions of a permutation of ``range(largest
+    shard)``, drawn alike on every rank (same generator state), that fall inside this shard."""
+
+    def __init__(self, coords: Coords, shard_sizes: list[int], batch_size: int, gen: torch.Generator,
+                 device: torch.device) -> None:
+        super().__init__(coords, max(shard_sizes), batch_size, gen, device)
+        self.longest = max(shard_sizes)
+        self._sizes_col = torch.tensor(shard_sizes)[:, None]
+
+    def _draw(self) -> torch.Tensor:
+        return torch.randperm(self.longest, generator=self.gen)
+
+    def _take(self, positions: torch.Tensor) -> Batch:
+        mine = positions[positions < len(self.coords)]
+        n_global = int((positions[None, :] < self._sizes_col).sum())
+        return Batch(self.coords.select(mine.to(self.device)), len(mine) / n_global)
+
+
+def make_batch_source(data: DataPlacement, minibatch: bool, batch_size: int | None, seed: int,
+                      device: torch.device) -> BatchSource:
+    """Full batch, or mini-batches of ``batch_size`` (global) ratings shuffled by generator ``seed + 1``."""
+    gen = torch.Generator().manual_seed(seed + 1)
+    if not minibatch:
+        return FullBatch(data.full_share, gen.get_state())
+    return data.mini_batches(batch_size or data.n_global, gen, device)
+
+
+def step_limit(config: TrainConfig, n_batches: int) -> int:
+    """Steps allowed by ``steps`` and ``epochs`` (whichever ends first; neither: the default)."""
+    if config.steps is None and config.epochs is None:
+        return TrainConfig.DEFAULT_STEPS
+    return int(min(config.steps if config.steps is not None else math.inf,
+                   config.epochs * n_batches if config.epochs is not None else math.inf))

@@ -1,0 +1,115 @@
+"""Validation and early stopping: when to evaluate, which parameters were best, when to stop.
+
+Every ``eval_every`` steps (and at the last step) the validation ratings are scored with the
+artifact's prediction rule. An RMSE below the best so far by more than ``min_delta`` records
+the step and snapshots the parameters; otherwise the evaluation counts as bad, and
+``patience`` bad evaluations in a row stop the run (``patience=0``: never). At the end the
+best snapshot replaces the parameters.
+
+Distributed, rank 0 alone evaluates and decides; :class:`BroadcastStop` hands its decision
+(and its best step) to every rank at each evaluation, so all ranks stop at the same step.
+"""
+
+from __future__ import annotations
+
+from typing import Protocol
+
+import torch
+
+from recsys_flowadam.models import Coords
+from recsys_flowadam.train.config import TrainConfig
+from recsys_flowadam.train.distributed import DistContext
+from recsys_flowadam.train.loop_state import LoopState
+from recsys_flowadam.train.metrics import Predictor, evaluate_predictor
+
+
+class StopAgreement(Protocol):
+    """Turns this process's stop decision into the one every process acts on."""
+
+    def __call__(self, stop: bool, state: LoopState) -> bool: ...
+
+
+class LocalStop:
+    """One process: its own decision."""
+
+    def __call__(self, stop: bool, state: LoopState) -> bool:
+        return stop
+
+
+class BroadcastStop:
+    """Rank 0's decision and best step, broadcast to every rank (one small collective)."""
+
+    def __init__(self, dctx: DistContext, device: torch.device) -> None:
+        self.dctx, self.device = dctx, device
+
+    def __call__(self, stop: bool, state: LoopState) -> bool:
+        flag, state.best_step = self.dctx.broadcast_ints(
+            [stop, state.best_step], f"the early-stopping broadcast (step {state.step})", self.device)
+        return bool(flag) or stop
+
+
+def stop_agreement(dctx: DistContext | None, device: torch.device) -> StopAgreement:
+    """:class:`LocalStop` alone, :class:`BroadcastStop` in a process group."""
+    return LocalStop() if dctx is None else BroadcastStop(dctx, device)
+
+
+class Evaluator:
+    """Validation every ``eval_every`` steps, early stopping, the best-parameter snapshot.
+
+    ``val``: the validation coordinates (None: no validation, hence no early stopping and
+    the last step counts as best); ``evaluates``: whether this process scores them (rank 0).
+    ``params`` are the live parameters ``predictor`` reads.
+    """
+
+    def __init__(self, predictor: Predictor, params: dict[str, torch.Tensor], val: Coords | None,
+                 config: TrainConfig, *, evaluates: bool = True, agree: StopAgreement | None = None) -> None:
+        self.predictor, self.params, self.val = predictor, params, val
+        self.has_val = val is not None
+        self.evaluates = self.has_val and evaluates
+        self.every, self.patience, self.min_delta = config.eval_every, config.patience, config.min_delta
+        self.clip = config.clip_predictions
+        self.agree = agree if agree is not None else LocalStop()
+        self.best: dict[str, torch.Tensor] | None = None
+
+    def due(self, step: int, last: bool) -> bool:
+        return step % self.every == 0 or last
+
+    def validate(self, state: LoopState) -> dict[str, float] | None:
+        """Score the validation ratings and update the early-stopping record; None when this
+        process does not evaluate."""
+        if not self.evaluates:
+            return None
+        val = self.val
+        assert val is not None
+        m = evaluate_predictor(self.predictor, val.users, val.items, val.values, val.contexts, clip=self.clip)
+        if m["rmse"] < state.best_val - self.min_delta:
+            state.best_val, state.best_step, state.bad_evals = m["rmse"], state.step, 0
+            self.best = {k: p.detach().clone() for k, p in self.params.items()}
+        else:
+            state.bad_evals += 1
+        return m
+
+    def patience_spent(self, state: LoopState) -> bool:
+        """Enough bad evaluations in a row to stop (also true when resuming at the stopping step)."""
+        return bool(self.has_val and self.patience and state.bad_evals >= self.patience)
+
+    def decide_stop(self, state: LoopState) -> bool:
+        """After an evaluation: whether every process stops now."""
+        return self.agree(self.patience_spent(state), state)
+
+    def restore_snapshot(self, best: dict[str, torch.Tensor] | None) -> None:
+        """Take a checkpoint's best parameters (on the CPU as stored) onto the parameters' device."""
+        self.best = None if best is None else {
+            k: best[k].to(device=p.device, dtype=p.dtype) for k, p in self.params.items()}
+
+    def finish(self, state: LoopState) -> None:
+        """Put the best parameters back; without validation the last step is the best."""
+        if self.best is not None:
+            with torch.no_grad():
+                for k, p in self.params.items():
+                    p.copy_(self.best[k])
+        if not self.has_val:
+            state.best_step = state.step
+
+    def best_val_rmse(self, state: LoopState) -> float | None:
+        return state.best_val if self.has_val else None

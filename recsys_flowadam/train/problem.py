@@ -1,0 +1,104 @@
+"""What a run fits: the model spec, the objective, the training ratings on the device, and the
+representation (dense, sparse or mini-batch) its gradient path uses.
+
+The objective centres on the training mean when the model has biases (or ``center`` says
+so); ``reg_weighting="frequency"`` weights each row's L2 penalty by its share of the ratings.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from recsys_flowadam.data.ratings import Ratings, RatingScale
+from recsys_flowadam.models import (
+    Coords,
+    ModelSpec,
+    Objective,
+    choose_representation,
+    coords_from_ratings,
+    has_duplicates,
+)
+from recsys_flowadam.models.prediction import seen_in_training
+from recsys_flowadam.train.config import TrainConfig
+from recsys_flowadam.train.metrics import Predictor
+
+
+@dataclass
+class Problem:
+    """The model and objective, and the training ratings (all of them) as coordinates."""
+
+    spec: ModelSpec
+    objective: Objective
+    coords: Coords
+    global_mean: float
+    scale: RatingScale
+    seen_users: torch.Tensor  # bool masks: rows with a training rating (else cold at prediction)
+    seen_items: torch.Tensor
+    device: torch.device
+    dtype: torch.dtype
+
+    def predictor(self, params: dict[str, torch.Tensor]) -> Predictor:
+        """The prediction rule on ``params`` (live tensors: it follows their updates)."""
+        return Predictor(params, self.objective.offset, self.global_mean, self.scale, self.seen_users,
+                         self.seen_items)
+
+    def coords_of(self, ratings: Ratings | None) -> Coords | None:
+        """Other ratings (validation) like the training ones: same device, dtype, contexts; None if empty."""
+        if ratings is None or len(ratings) == 0:
+            return None
+        return coords_from_ratings(ratings, device=self.device, dtype=self.dtype, use_contexts=self.spec.is_tensor)
+
+
+def torch_dtype(config: TrainConfig) -> torch.dtype:
+    return torch.float64 if config.dtype == "float64" else torch.float32
+
+
+def build_problem(train: Ratings, config: TrainConfig, device: torch.device) -> Problem:
+    """The spec, objective and training coordinates of ``config.model`` on ``train``."""
+    is_cp = config.model == "cp"
+    dtype = torch_dtype(config)
+    spec = ModelSpec(config.model, train.n_users, train.n_items, config.rank,
+                     n_contexts=train.n_contexts if is_cp else 0, biases=config.cp_biases if is_cp else None)
+    center = spec.has_biases if config.center is None else config.center
+    coords = coords_from_ratings(train, device=device, dtype=dtype, use_contexts=is_cp)
+    objective = Objective(reg=config.reg, bias_reg=config.effective_bias_reg, loss=config.loss,
+                          huber_delta=config.huber_delta, offset=train.mean if center else 0.0,
+                          weights=_row_weights(config, spec, coords, dtype))
+    return Problem(spec, objective, coords, train.mean, train.scale,
+                   *seen_in_training(coords.users, coords.items, spec.n_users, spec.n_items),
+                   device=device, dtype=dtype)
+
+
+def _row_weights(config: TrainConfig, spec: ModelSpec, coords: Coords,
+                 dtype: torch.dtype) -> dict[str, torch.Tensor] | None:
+    """Per-row penalty weights n_row / n for ``reg_weighting="frequency"``; None for uniform."""
+    if config.reg_weighting != "frequency":
+        return None
+    modes = {"user": (coords.users, spec.n_users), "item": (coords.items, spec.n_items)}
+    if spec.is_tensor:
+        modes["context"] = (coords.contexts, spec.n_contexts)
+    return {name: torch.bincount(index, minlength=n).to(dtype) / len(coords) for name, (index, n) in modes.items()}
+
+
+def choose_path_representation(config: TrainConfig, spec: ModelSpec, coords: Coords, largest_shard: int,
+                               device: torch.device) -> str:
+    """Mini-batch when a batch size is given; else ``config.representation``, with ``auto``
+    picking dense or sparse by the memory budget for the largest shard (so every rank agrees)."""
+    if config.batch_size is not None:
+        if config.representation not in ("auto", "minibatch"):
+            raise ValueError(f"batch_size given with representation {config.representation!r}: mini-batch "
+                             "training uses gathered embeddings; drop one of the two")
+        return "minibatch"
+    if config.representation != "auto":
+        return config.representation
+    budget = None if config.memory_budget_gb is None else int(config.memory_budget_gb * (1 << 30))
+    representation = choose_representation(spec, largest_shard, device, budget_bytes=budget,
+                                           element_size=torch_dtype(config).itemsize,
+                                           duplicates=has_duplicates(spec, coords))
+    if representation == "minibatch":
+        raise ValueError("the training data fits neither the dense nor the sparse full-batch representation "
+                         "within the memory budget: give --batch-size for mini-batch training "
+                         "(or a larger --memory-budget)")
+    return representation
