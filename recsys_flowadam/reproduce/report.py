@@ -45,9 +45,10 @@ def _fmt(x: float | None, digits: int = 4) -> str:
     return f"{x:.{digits}f}"
 
 
-def mean_std(mean: float | None, std: float | None, n: int, digits: int = 4) -> str:
-    """``mean ± std`` over ``n`` seeds; one seed has no spread, so it reads ``mean (n = 1)``."""
-    if n <= 1:
+def mean_std(mean: float | None, std: float | None, n: int | None, digits: int = 4) -> str:
+    """``mean ± std`` over ``n`` seeds; one seed has no spread, so it reads ``mean (n = 1)``
+    (``n`` None: not recorded, shown as ``mean ± std``)."""
+    if n is not None and n <= 1:
         return f"{_fmt(mean, digits)} (n = 1)"
     return f"{_fmt(mean, digits)} ± {_fmt(std, digits)}"
 
@@ -70,7 +71,7 @@ def scenario_table(sc: dict[str, Any]) -> list[str]:
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for label, row in sc["rows"].items():
         s = row["summary"]
-        cells = [label, _fmt_lr(s), mean_std(s["mean"], s["std"], s["n"])]
+        cells = [label, _fmt_lr(s), mean_std(s["mean"], s["std"], s.get("n"))]
         cells += [_fmt(s.get(f"mean_{k}")) for k in extra]
         if has_paper:
             cells.append(row.get("paper") or "")

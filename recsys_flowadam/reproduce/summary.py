@@ -19,7 +19,7 @@ def _cell(row: dict[str, Any]) -> str:
     s = row["summary"]
     if s.get("mean") is None:
         return "n/a"
-    text = mean_std(s["mean"], s["std"], s["n"], 3)
+    text = mean_std(s["mean"], s["std"], s.get("n"), 3)
     if s.get("wilcoxon_p") is not None:
         text += f" (p={s['wilcoxon_p']:.2g})"
     return text
