@@ -88,3 +88,40 @@ def test_console_entry_point_runs(root):
     proc = subprocess.run([sys.executable, "-m", "recsys_flowadam", "data", "list", "--data-dir", str(root)],
                           capture_output=True, text=True, timeout=60)
     assert proc.returncode == 0 and "ml-100k" in proc.stdout
+
+
+def test_missing_dataset_says_which_root_was_searched_and_creates_nothing(root, capsys, monkeypatch, tmp_path):
+    before = sorted(p.name for p in root.iterdir())
+    assert main(["data", "info", "jester-4", "--data-dir", str(root)]) == 2
+    err = capsys.readouterr().err
+    assert f"data root searched: {root} (from --data-dir)" in err and "Traceback" not in err
+    assert f"recsys-flowadam data fetch jester-4 --data-dir {root}" in err and "RECSYS_FLOWADAM_DATA=DIR" in err
+    assert sorted(p.name for p in root.iterdir()) == before  # no download started, no empty jester-4/
+    # a forgotten export: the message says the default root was used
+    from recsys_flowadam.data import paths
+    monkeypatch.setattr(paths.platformdirs, "user_cache_path", lambda app: tmp_path / "user-cache")
+    assert main(["data", "info", "jester-4"]) == 2
+    err = capsys.readouterr().err
+    assert f"{tmp_path / 'user-cache' / 'datasets'} (the default: neither --data-dir nor $RECSYS_FLOWADAM_DATA is set)" in err
+    assert not (tmp_path / "user-cache").exists()
+    monkeypatch.setenv("RECSYS_FLOWADAM_DATA", str(root))
+    assert main(["data", "info", "jester-4"]) == 2
+    assert f"data root searched: {root} (from $RECSYS_FLOWADAM_DATA)" in capsys.readouterr().err
+
+
+def test_data_dir_naming_the_dataset_folder_itself(root, capsys):
+    assert main(["data", "info", "ml-100k", "--data-dir", str(root / "ml-100k"), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["n_ratings"] == 4
+    assert main(["data", "list", "--data-dir", str(root / "ml-100k"), "--json"]) == 0
+    rows = {r["name"]: r for r in json.loads(capsys.readouterr().out)["datasets"]}
+    assert rows["ml-100k"]["present"] == "yes" and rows["ml-100k"]["path"] == str(root / "ml-100k")
+
+
+def test_root_holding_a_dataset_s_files_directly(tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("RECSYS_FLOWADAM_CACHE", str(tmp_path / "cache"))
+    (tmp_path / "mydata").mkdir()
+    (tmp_path / "mydata" / "u.data").write_text(U_DATA)
+    assert main(["data", "info", "ml-100k", "--data-dir", str(tmp_path / "mydata")]) == 2
+    err = capsys.readouterr().err
+    assert (f"note: {tmp_path / 'mydata'} itself holds the files of ml-100k; a data root holds one folder per "
+            f"dataset: move them into {tmp_path / 'mydata' / 'ml-100k'}/") in err

@@ -104,6 +104,11 @@ BAD_CASES = {
     "empty-file": ("", r"u\.data: is empty"),
     "blank-line": (GOOD.replace("\n", "\n\n", 1), r"u\.data:2: empty line"),
     "extra-field": (GOOD.replace("878887116", "878887116\t7"), r"u\.data:3: expected 4 fields .* found 5"),
+    "nan-rating": (GOOD.replace("\t3\t", "\tnan\t"), r"u\.data:2: field 'rating' is not a finite number: 'nan'"),
+    "huge-user-id": (GOOD.replace("9\t100", "99999999999999999999999\t100"),
+                     r"u\.data:5: field 'user' is outside the 64-bit integer range: '99999999999999999999999'"),
+    "huge-timestamp": (GOOD.replace("878887116", "-99999999999999999999999"),
+                       r"u\.data:3: field 'timestamp' is outside the 64-bit integer range"),
 }
 
 
@@ -182,6 +187,45 @@ def test_cache_reused_and_invalidated_by_content(tmp_path):
     changed = load_dataset("ml-100k", tmp_path, offline=True)
     assert changed.values[0] == 2.0 and first.values[0] == 4.0
     assert len(list((tmp_path / "cache").glob("*.npz"))) == 2
+
+
+# --- values float32 cannot hold: refused with file and line, never stored as inf ---------
+FLOAT32_TOO_LARGE = r"is too large for a 32-bit float \(magnitude at most 3\.402823e\+38\)"
+
+
+def test_float32_overflow_in_text_files_is_refused(tmp_path):
+    csv = write(tmp_path / "r.csv", "u,i,r\na,x,3\nb,x,1e39\n")
+    with pytest.raises(DataError, match=rf"r\.csv:3: field 'rating' {FLOAT32_TOO_LARGE}: 1e\+39"):
+        load_dataset(f"csv:{csv}")
+    csv = write(tmp_path / "s.csv", "u,i,r\na,x,3\nb,x,-inf\n")
+    with pytest.raises(DataError, match=r"s\.csv:3: field 'rating' is not a finite number: -inf"):
+        load_dataset(f"csv:{csv}")
+    write(tmp_path / "jester-2" / "jester_ratings.dat", "1\t\t5\t\t0.5\n2\t\t5\t\t-1e39\n")
+    with pytest.raises(DataError, match=rf"jester_ratings\.dat:2: field 'rating' {FLOAT32_TOO_LARGE}: -1e\+39"):
+        load_dataset("jester-2", tmp_path)
+
+
+@pytest.mark.parametrize("suffix", [".xlsx", ".xls"])
+def test_float32_overflow_in_a_jester_cell_is_refused(tmp_path, suffix):
+    from recsys_flowadam.data.jester import load_workbooks
+    from recsys_flowadam.data.registry import JESTER as SCALE
+
+    m = JESTER.copy()
+    m[2, 3] = 1e39
+    (xlsx if suffix == ".xlsx" else xls)(tmp_path / f"j{suffix}", m)
+    with pytest.raises(DataError, match=rf"j{suffix}:3: cell D3 {FLOAT32_TOO_LARGE}: 1e\+39"):
+        load_workbooks(tmp_path, "j", SCALE, [f"j{suffix}"], n_jokes=None)
+
+
+def test_build_refuses_values_float32_cannot_hold():
+    from recsys_flowadam.data.build import build_ratings
+    from recsys_flowadam.data.ratings import Ratings, RatingScale
+
+    with pytest.raises(DataError, match=rf"frame row 2: rating 1e\+39 {FLOAT32_TOO_LARGE}"):
+        build_ratings("f", np.array([1, 2]), np.array([1, 1]), np.array([3.0, 1e39]), RatingScale(1, 5),
+                      describe_row=lambda k: f"frame row {k + 1}")
+    with pytest.raises(ValueError, match=r"value 1e\+39 at position 1 overflows float32"):
+        Ratings("r", [0, 0], [0, 1], np.array([3.0, 1e39]), ["u"], ["a", "b"], RatingScale(1, 5))
 
 
 # --- user CSV -----------------------------------------------------------------------------

@@ -30,7 +30,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     _data_dir(p)
     p.add_argument("--json", action="store_true", help="print JSON")
     p.add_argument("--clip", action="store_true", help="clip ratings to the documented scale first")
-    p.add_argument("--offline", action="store_true", help="never download; say which files are missing")
+    p.add_argument("--offline", action="store_true",
+                   help="accepted for scripts; loading never downloads (use `data fetch`)")
     p.add_argument("--split", metavar="SPEC", help="also split it (random, u1..u5, ua, ub, kfold:K:F, temporal, "
                                                     "leave-out:K) and print the split's figures")
     p.add_argument("--seed", type=int, default=0, help="split seed (default 0)")
@@ -40,7 +41,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def _data_dir(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--data-dir", metavar="D", help="data root (default: $RECSYS_FLOWADAM_DATA, else the user cache dir)")
+    p.add_argument("--data-dir", metavar="D", help="data root, the folder holding one folder per dataset "
+                                                   "(default: $RECSYS_FLOWADAM_DATA, else the user cache dir)")
 
 
 def _parse_options(pairs: list[str]) -> dict:
@@ -69,20 +71,26 @@ def _value(text: str):
 
 def cmd_list(args: argparse.Namespace) -> int:
     from recsys_flowadam.data import DATASETS, resolve_data_dir
+    from recsys_flowadam.data.paths import INCOMPLETE_MARKER, data_root_origin, dataset_folder
     from recsys_flowadam.data.registry import SPECIAL_NAMES
 
     root = resolve_data_dir(args.data_dir)
     rows = []
     for info in DATASETS.values():
-        have = [(root / info.name / f).is_file() for f in info.files]
+        folder = dataset_folder(info.name, args.data_dir)
+        have = [(folder / f).is_file() for f in info.files]
         present = "yes" if all(have) else ("partly" if any(have) else "no")
+        if (folder / INCOMPLETE_MARKER).exists():
+            present = "broken"  # a download stopped while moving files in: `data fetch NAME --force`
         rows.append({"name": info.name, "description": info.description, "size": info.size,
-                     "licence": info.licence, "present": present, "path": str(root / info.name)})
+                     "licence": info.licence, "present": present, "path": str(folder)})
     if args.json:
-        print(json.dumps({"data_dir": str(root), "datasets": rows,
-                          "generated": [{"name": k, "description": v} for k, v in SPECIAL_NAMES.items()]}, indent=1))
+        from recsys_flowadam.cli.output import print_json
+
+        print_json({"data_dir": str(root), "datasets": rows,
+                    "generated": [{"name": k, "description": v} for k, v in SPECIAL_NAMES.items()]}, indent=1)
         return 0
-    print(f"data root: {root}")
+    print(f"data root: {root} ({data_root_origin(args.data_dir)})")
     widths = [max(len(r[k]) for r in rows) for k in ("name", "size", "present")]
     print(f"{'NAME':<{widths[0]}}  {'SIZE':<{widths[1]}}  {'LOCAL':<7}  DESCRIPTION / LICENCE")
     for r in rows:
@@ -94,9 +102,13 @@ def cmd_list(args: argparse.Namespace) -> int:
 
 
 def cmd_fetch(args: argparse.Namespace) -> int:
-    from recsys_flowadam.data import DataError
-    from recsys_flowadam.data.download import fetch
+    import sys
 
+    from recsys_flowadam.data import DataError, resolve_data_dir
+    from recsys_flowadam.data.download import fetch
+    from recsys_flowadam.data.paths import data_root_origin
+
+    print(f"data root: {resolve_data_dir(args.data_dir)} ({data_root_origin(args.data_dir)})", file=sys.stderr)
     try:
         folder = fetch(args.name, args.data_dir, force=args.force)
     except DataError as exc:
@@ -122,9 +134,9 @@ def cmd_info(args: argparse.Namespace) -> int:
     except DataError as exc:
         raise CLIError(str(exc)) from None
     if args.json:
-        from recsys_flowadam.safe_write import json_safe
+        from recsys_flowadam.cli.output import print_json
 
-        print(json.dumps(json_safe(summary), indent=1))
+        print_json(summary, indent=1)
         return 0
     s = summary
     print(f"{s['name']}: {s['description']}")

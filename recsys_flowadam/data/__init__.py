@@ -1,8 +1,8 @@
 """The dataset layer: MovieLens and Jester loaders, synthetic problems, user CSVs, splits.
 
-Every loader returns one ``Ratings``. ``load_dataset(name)`` finds the official files under
-the data root (``resolve_data_dir``), downloading them when missing and allowed;
-``split_ratings`` makes seeded, reproducible train/val/test splits.
+Every loader returns one ``Ratings``. ``load_dataset(name)`` reads the official files under
+the data root (``resolve_data_dir``) and never downloads: ``download.fetch`` (``recsys-flowadam
+data fetch NAME``) does; ``split_ratings`` makes seeded, reproducible train/val/test splits.
 """
 
 from .errors import DataError

@@ -14,6 +14,7 @@ import pandas as pd
 
 from .errors import DataError
 from .ratings import Ratings, RatingScale
+from .values import first_not_float32, float_problem
 
 DuplicatesPolicy = Literal["error", "first", "last", "mean"]
 DUPLICATE_POLICIES = ("error", "first", "last", "mean")
@@ -112,10 +113,14 @@ def build_ratings(
 ) -> Ratings:
     """Index raw IDs, resolve duplicated (user, item[, context]) pairs, attach titles.
 
-    ``describe_row(k)`` names row k's origin (e.g. "u.data:17") for duplicate errors.
+    ``describe_row(k)`` names row k's origin (e.g. "u.data:17") for errors: duplicates, and values
+    that are not finite or overflow float32 (refused, never stored as inf).
     ``all_item_ids`` (integers) adds items that have no rating (Jester jokes never rated) to the index.
     """
     values = np.asarray(values, dtype=np.float64)
+    describe = describe_row or (lambda k: f"row {k + 1}")
+    if (k := first_not_float32(values)) is not None:
+        raise DataError(f"{describe(k)}: rating {values[k]:g} {float_problem(values[k])}")
     if all_item_ids is not None:
         item_codes, item_ids = _index_with_universe(np.asarray(raw_items), np.asarray(all_item_ids))
     else:
@@ -131,7 +136,6 @@ def build_ratings(
         keys = user_codes * np.int64(len(item_ids)) + item_codes
         if contexts is not None:
             keys = keys * np.int64(n_contexts) + contexts
-        describe = describe_row or (lambda k: f"row {k + 1}")
         kept, new_values, n_dup = resolve_duplicates(
             keys, values, duplicates,
             lambda a, b: f"{describe(b)}: duplicated rating of user {user_ids[user_codes[b]]!r}, item "
@@ -147,24 +151,12 @@ def build_ratings(
     item_titles = None
     if titles is not None:
         item_titles = np.array([titles.get(i, "") for i in item_ids.tolist()], dtype=object)
-    ratings = Ratings(
-        name=name,
-        users=user_codes,
-        items=item_codes,
-        values=values.astype(np.float32),
-        user_ids=user_ids,
-        item_ids=item_ids,
-        scale=scale,
-        timestamps=timestamps,
-        item_titles=item_titles,
-        contexts=contexts,
-        n_contexts=n_contexts,
-        source_files=dict(source_files or {}),
-        source_dir=source_dir,
-        description=description,
-        n_duplicates=n_dup,
+    return Ratings(
+        name=name, users=user_codes, items=item_codes, values=values.astype(np.float32), user_ids=user_ids,
+        item_ids=item_ids, scale=scale, timestamps=timestamps, item_titles=item_titles, contexts=contexts,
+        n_contexts=n_contexts, source_files=dict(source_files or {}), source_dir=source_dir,
+        description=description, n_duplicates=n_dup,
     )
-    return ratings
 
 
 def _index_with_universe(raw: np.ndarray, universe: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

@@ -17,6 +17,7 @@ import numpy as np
 import pandas as pd
 
 from .errors import DataError, at
+from .values import first_not_float32, fits_int64, float_problem, not_float32
 
 KIND_DTYPES = {"int": np.int64, "float": np.float64, "str": object}
 
@@ -81,22 +82,24 @@ def read_delimited(
             )
         if doubled and frame[names[1::2]].notna().any().any():
             raise ValueError(f"a field contains a single {sep[0]!r}")
-    except (ValueError, pd.errors.ParserError, pd.errors.ParserWarning, UnicodeDecodeError) as exc:
+    except (ValueError, OverflowError, pd.errors.ParserError, pd.errors.ParserWarning, UnicodeDecodeError) as exc:
         locate_bad_line(path, sep, n_fields, columns, header_lines=header_lines, encoding=encoding)
         raise DataError(f"{path}: cannot be parsed: {exc}") from exc
-    out = {}
-    for c in columns:
-        arr = frame[names[c.position * stride]].to_numpy()
-        if c.kind == "str":
-            bad = pd.isna(arr)
-            if bad.any():
-                row = int(np.argmax(bad))
-                raise at(path, row + 1 + header_lines, f"field '{c.name}' is empty")
-            arr = arr.astype(str).astype(object)
-        out[c.name] = arr
     if frame.shape[0] == 0:
         raise at(path, None, "holds no ratings (empty file)")
-    return out
+    return {c.name: _column(path, c, frame[names[c.position * stride]].to_numpy(), header_lines) for c in columns}
+
+
+def _column(path: Path, c: Column, arr: np.ndarray, header_lines: int) -> np.ndarray:
+    """A parsed column, checked: text fields non-empty, numbers storable as float32 (row k is line k + 1 + header)."""
+    if c.kind == "str":
+        bad = pd.isna(arr)
+        if bad.any():
+            raise at(path, int(np.argmax(bad)) + 1 + header_lines, f"field '{c.name}' is empty")
+        return arr.astype(str).astype(object)
+    if c.kind == "float" and (row := first_not_float32(arr)) is not None:
+        raise at(path, row + 1 + header_lines, f"field '{c.name}' {float_problem(arr[row])}: {arr[row]:g}")
+    return arr
 
 
 def _check_not_empty(path: Path, header_lines: int, require_final_newline: bool) -> None:
@@ -150,18 +153,26 @@ def locate_bad_line(
                         hint = " (last line is cut short: the file looks truncated)"
                     raise at(path, lineno, f"expected {n_fields} fields separated by {sep!r}, found {len(fields)}{hint}")
                 for c in columns:
-                    value = fields[c.position].strip()
-                    if c.kind == "int":
-                        try:
-                            int(value)
-                        except ValueError:
-                            raise at(path, lineno, f"field '{c.name}' is not an integer: {value!r}") from None
-                    elif c.kind == "float":
-                        try:
-                            float(value)
-                        except ValueError:
-                            raise at(path, lineno, f"field '{c.name}' is not a number: {value!r}") from None
-                    elif value == "":
-                        raise at(path, lineno, f"field '{c.name}' is empty")
+                    _check_field(path, lineno, c, fields[c.position].strip())
     except UnicodeDecodeError as exc:
         raise at(path, None, f"is not valid {encoding} text ({exc.reason} at byte {exc.start})") from None
+
+
+def _check_field(path: Path, lineno: int, c: Column, value: str) -> None:
+    """Raise a DataError naming the line when ``value`` cannot be field ``c`` (int64, float32 or non-empty text)."""
+    if c.kind == "int":
+        try:
+            number = int(value)
+        except ValueError:
+            raise at(path, lineno, f"field '{c.name}' is not an integer: {value!r}") from None
+        if not fits_int64(number):
+            raise at(path, lineno, f"field '{c.name}' is outside the 64-bit integer range: {value!r}")
+    elif c.kind == "float":
+        try:
+            number = float(value)
+        except ValueError:
+            raise at(path, lineno, f"field '{c.name}' is not a number: {value!r}") from None
+        if not_float32(np.array([number]))[0]:
+            raise at(path, lineno, f"field '{c.name}' {float_problem(number)}: {value!r}")
+    elif value == "":
+        raise at(path, lineno, f"field '{c.name}' is empty")

@@ -26,6 +26,7 @@ from .delimited import Column, read_delimited
 from .errors import DataError, at
 from .paths import file_sha256
 from .ratings import Ratings, RatingScale
+from .values import float_problem, not_float32
 from .xlsx import read_numeric_sheet
 
 NOT_RATED = 99.0
@@ -97,7 +98,11 @@ def matrix_to_coordinates(path: Path, matrix: np.ndarray, n_jokes: int | None) -
     if n_jokes is not None and matrix.shape[1] != n_jokes + 1:
         raise at(path, None, f"expected {n_jokes + 1} columns (count + {n_jokes} jokes), found {matrix.shape[1]}")
     cells = matrix[:, 1:]
-    rated = np.isfinite(cells) & (cells != NOT_RATED)
+    bad = ~np.isnan(cells) & not_float32(cells)  # NaN is an empty cell; inf or 1e39 is a bad one
+    if bad.any():
+        r, c = map(int, np.argwhere(bad)[0])
+        raise at(path, r + 1, f"cell {_column_letter(c + 1)}{r + 1} {float_problem(cells[r, c])}: {cells[r, c]:g}")
+    rated = ~np.isnan(cells) & (cells != NOT_RATED)
     counts = matrix[:, 0]
     mismatch = np.flatnonzero(rated.sum(axis=1) != counts)
     if mismatch.size:
@@ -172,7 +177,7 @@ def load_ratings_dat(folder: Path, name: str, scale: RatingScale, *, n_jokes: in
     if bad.any():
         row = int(np.argmax(bad))
         raise at(path, row + 1, f"joke {cols['item'][row]} is outside 1..{n_jokes}")
-    bad = ~np.isfinite(cols["rating"]) | (cols["rating"] == NOT_RATED)
+    bad = cols["rating"] == NOT_RATED  # read_delimited refused non-finite ones
     if bad.any():
         row = int(np.argmax(bad))
         raise at(path, row + 1, f"rating {cols['rating'][row]!r} is not a rating")
@@ -215,10 +220,13 @@ def read_joke_workbook(path: Path) -> dict[str, str]:
     return {str(i + 1): clean_html(str(t)) if pd.notna(t) else "" for i, t in enumerate(frame.iloc[:, 0].tolist())}
 
 
+HTML_JOKES = "**/init*.html"  # Dataset 1's joke texts, anywhere below the dataset folder
+
+
 def read_html_jokes(folder: Path) -> tuple[dict[str, str], dict[str, str]]:
     """Dataset 1 joke texts: ``init1.html`` ... ``init100.html`` (anywhere below ``folder``)."""
     texts, sources = {}, {}
-    for path in sorted(folder.rglob("init*.html")):
+    for path in sorted(folder.glob(HTML_JOKES)):
         m = re.fullmatch(r"init(\d+)\.html", path.name)
         if m:
             body = path.read_text(encoding="latin-1")

@@ -1,16 +1,25 @@
-"""``load_dataset``: find (or download) a dataset's files, parse them (or reuse the parsed cache)."""
+"""``load_dataset``: find a dataset's files, parse them (or reuse the parsed cache).
+
+Loading never downloads: a missing dataset is an error naming the data root that was searched
+and the ways to point at data (``--data-dir``, ``$RECSYS_FLOWADAM_DATA``) or fetch it
+(``recsys-flowadam data fetch NAME``, which is ``download.fetch``). A download is a deliberate
+act (hundreds of MB, licence terms, a location the user chose), never a side effect of a typo
+in a path or a forgotten ``export``.
+"""
 
 from __future__ import annotations
 
 import inspect
+import warnings
 from pathlib import Path
 
 from .cache import cache_key, hash_sources, load_cached, store
 from .custom import load_custom_csv
 from .errors import DataError
-from .paths import offline_by_default, resolve_cache_dir, resolve_data_dir
+from .guidance import incomplete_message, missing_message
+from .paths import INCOMPLETE_MARKER, dataset_folder, resolve_cache_dir
 from .ratings import Ratings
-from .registry import DatasetEntry, get_info
+from .registry import get_info
 from .synthetic import load_synthetic
 
 
@@ -18,30 +27,31 @@ def load_dataset(name: str, data_dir: str | Path | None = None, *, offline: bool
                  **options) -> Ratings:
     """Load a dataset by name (see ``DATASETS``), ``"synthetic"`` or ``"csv:PATH"``.
 
-    Missing files are downloaded into ``<data root>/<name>/`` unless ``offline`` (or
-    ``$RECSYS_FLOWADAM_OFFLINE=1``), in which case the error says which files to put where.
+    Registered datasets are read from ``<data root>/<name>/``; missing files are a ``DataError``
+    that says where they were looked for and how to get them (loading never downloads, so
+    ``offline`` changes nothing; it stays for callers that pass it).
     ``clip=True`` clips ratings to the documented scale (Jester-4 has values outside it).
     ``cache=False`` skips the parsed-dataset cache. Other options go to the parser:
     ``duplicates`` ("error" | "first" | "last" | "mean"), jester-1 ``part``, synthetic and csv options.
     """
+    del offline  # kept in the signature: loading never downloads
     use_cache = bool(options.pop("cache", True))
     if name == "synthetic":
         ratings = _call(load_synthetic, "synthetic", options)
     elif name.startswith("csv:"):
-        ratings = _cached_or_parsed(name, Path(name[4:]).expanduser().parent, [Path(name[4:]).name], options,
-                                    use_cache, lambda: _call(load_custom_csv, name, options, Path(name[4:])))
+        path = Path(name[4:]).expanduser()
+        ratings = _cached_or_parsed(name, path.parent, [path.name], options, use_cache,
+                                    lambda: _call(load_custom_csv, name, options, path))
     else:
         info = get_info(name)
-        folder = resolve_data_dir(data_dir) / name
+        folder = dataset_folder(name, data_dir)
         files = info.required_files(**options)
+        if (folder / INCOMPLETE_MARKER).exists():
+            raise DataError(incomplete_message(info, data_dir, folder))
         missing = [f for f in files if not (folder / f).is_file()]
         if missing:
-            if offline or offline_by_default():
-                raise DataError(offline_message(info, folder, missing))
-            from .download import fetch  # network code only when needed
-            fetch(name, data_dir, files=files)
-        sources = list(files) + list(info.optional_files)
-        ratings = _cached_or_parsed(name, folder, sources, options, use_cache,
+            raise DataError(missing_message(info, data_dir, folder, missing))
+        ratings = _cached_or_parsed(name, folder, info.source_names(folder, **options), options, use_cache,
                                     lambda: _call(info.parse, name, options, folder, info))
     return ratings.clipped() if clip else ratings
 
@@ -57,6 +67,7 @@ def _call(func, label: str, options: dict, *args) -> Ratings:
 
 
 def _cached_or_parsed(name: str, folder: Path, sources: list[str], options: dict, use_cache: bool, parse) -> Ratings:
+    """The cached entry for these source hashes, else a fresh parse (stored unless a source changed meanwhile)."""
     if not use_cache:
         return parse()
     hashes = hash_sources(folder, sources)
@@ -68,17 +79,12 @@ def _cached_or_parsed(name: str, folder: Path, sources: list[str], options: dict
     if cached is not None:
         return cached
     ratings = parse()
+    # the parsers hash each file after reading it: a file rewritten between the key's hash and
+    # the parse would store new content under the old content's key
+    changed = sorted(n for n, h in ratings.source_files.items() if n in hashes and hashes[n] != h)
+    if changed:
+        warnings.warn(f"{', '.join(changed)} in {folder} changed while being read; the parsed copy is not cached",
+                      RuntimeWarning, stacklevel=3)
+        return ratings
     store(cache_dir, key, ratings)
     return ratings
-
-
-def offline_message(info: DatasetEntry, folder: Path, missing: list[str]) -> str:
-    lines = [f"{info.name}: missing {', '.join(str(folder / m) for m in missing)} and downloads are off (offline)."]
-    for d in info.downloads_for(tuple(missing)):
-        digest = f"sha256 {d.sha256}" if d.sha256 else "no published sha256"
-        if d.archive:
-            lines.append(f"  download {d.url} ({digest}), unzip it and put the files of its top folder "
-                         f"({', '.join(d.provides)}) into {folder}/")
-        else:
-            lines.append(f"  download {d.url} ({digest}) and save it as {folder / d.provides[0]}")
-    return "\n".join(lines)

@@ -58,7 +58,12 @@ class Ratings:
     def __post_init__(self) -> None:
         self.users = np.ascontiguousarray(self.users, dtype=np.int64)
         self.items = np.ascontiguousarray(self.items, dtype=np.int64)
-        self.values = np.ascontiguousarray(self.values, dtype=np.float32)
+        values = np.asarray(self.values)
+        with np.errstate(over="ignore"):
+            self.values = np.ascontiguousarray(values, dtype=np.float32)
+        if values.dtype != np.float32 and (overflow := np.isinf(self.values) & np.isfinite(values)).any():
+            k = int(np.argmax(overflow))  # parsers refuse these naming the line; this guards every other caller
+            raise ValueError(f"Ratings '{self.name}': value {values[k]:g} at position {k} overflows float32")
         self.user_ids = np.asarray(self.user_ids, dtype=object)
         self.item_ids = np.asarray(self.item_ids, dtype=object)
         n = self.users.shape[0]

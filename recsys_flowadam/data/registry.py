@@ -14,6 +14,7 @@ from typing import Callable
 
 from . import jester, movielens
 from .errors import DataError
+from .paths import file_sha256
 from .ratings import Ratings, RatingScale
 
 GROUPLENS = "https://files.grouplens.org/datasets/movielens/"
@@ -58,11 +59,22 @@ class DatasetEntry:
     parse: Callable[..., Ratings] = field(repr=False)
     optional_files: tuple[str, ...] = ()
     n_ratings: int | None = None  # official count, used to flag truncated or modified files
+    # glob patterns (relative to the folder) of further files the parser reads when present,
+    # e.g. joke texts: they are part of the parsed-cache key like every other file read
+    extra_sources: tuple[str, ...] = ()
 
     def required_files(self, **options) -> tuple[str, ...]:
         if self.name == "jester-1" and options.get("part") is not None:
             return (JESTER1_PARTS[_jester1_part(options["part"]) - 1],)
         return self.files
+
+    def source_names(self, folder: Path, **options) -> list[str]:
+        """Every file under ``folder`` the parser may read (relative names): the required and
+        optional files and what ``extra_sources`` matches. The parsed-cache key hashes them all."""
+        names = list(self.required_files(**options)) + list(self.optional_files)
+        for pattern in self.extra_sources:
+            names += sorted(str(p.relative_to(folder)) for p in folder.glob(pattern) if p.is_file())
+        return list(dict.fromkeys(names))
 
     def downloads_for(self, files: tuple[str, ...]) -> tuple[Download, ...]:
         return tuple(d for d in self.downloads if set(d.provides) & set(files))
@@ -97,17 +109,18 @@ def _jester1(folder: Path, info: DatasetEntry, part=None) -> Ratings:
     )
 
 
+JESTER_ITEMS = "jester_items.dat"  # Dataset 2's joke texts; the workbook datasets read them when present
+
+
 def _jester_workbook(fname: str, n_jokes: int | None, text_file: str | None):
     def parse(folder: Path, info: DatasetEntry) -> Ratings:
         texts, sources = None, {}
         if text_file and (folder / text_file).exists():
-            from .paths import file_sha256
             texts = jester.read_joke_workbook(folder / text_file)
             sources = {text_file: file_sha256(folder / text_file)}
-        elif (folder / "jester_items.dat").exists():
-            from .paths import file_sha256
-            texts = jester.read_items_dat(folder / "jester_items.dat")
-            sources = {"jester_items.dat": file_sha256(folder / "jester_items.dat")}
+        elif (folder / JESTER_ITEMS).exists():
+            texts = jester.read_items_dat(folder / JESTER_ITEMS)
+            sources = {JESTER_ITEMS: file_sha256(folder / JESTER_ITEMS)}
         return jester.load_workbooks(folder, info.name, info.scale, [fname], n_jokes=n_jokes, texts=texts,
                                      text_sources=sources, description=info.description)
     return parse
@@ -163,7 +176,7 @@ DATASETS: dict[str, DatasetEntry] = {
         DatasetEntry(
             name="jester-1", description="Jester Dataset 1: 73,421 users x 100 jokes, 1999-2003 (3 parts; option part=1|2|3)",
             size="10 MB", licence=JESTER_LICENCE, citation=JESTER_CITATION, scale=JESTER, files=JESTER1_PARTS,
-            parse=_jester1,
+            parse=_jester1, extra_sources=(jester.HTML_JOKES,),
             downloads=(
                 Download(f"{EIGENTASTE}archive/jester_dataset_1_1.zip",
                          "cb7841756ded125b15f3d95c9f8241224065e96354c132a46ae4214deeab7615", (JESTER1_PARTS[0],)),
@@ -185,6 +198,7 @@ DATASETS: dict[str, DatasetEntry] = {
             name="jester-2plus", description="Jester Dataset 2+: users x 150 jokes, 2006-2012 (jesterfinal151cols.xls)",
             size="~10 MB", licence=JESTER_LICENCE, citation=JESTER_CITATION, scale=JESTER,
             files=("jesterfinal151cols.xls",), parse=_jester_workbook("jesterfinal151cols.xls", 150, None),
+            extra_sources=(JESTER_ITEMS,),
             downloads=(Download(f"{EIGENTASTE}archive/jester_dataset_3.zip",
                                 "de360773d91253200a203afa99c38d3368bfcfcc02d28088f11d5ec1dacc9f6f",
                                 ("jesterfinal151cols.xls",)),),
@@ -193,7 +207,7 @@ DATASETS: dict[str, DatasetEntry] = {
             name="jester-3", description="Jester Dataset 3: 54,905 users x 150 jokes, 2006-2015",
             size="6 MB", licence=JESTER_LICENCE, citation=JESTER_CITATION, scale=JESTER,
             files=(JESTER3_RATINGS,), optional_files=("Dataset3JokeSet.xlsx",),
-            parse=_jester_workbook(JESTER3_RATINGS, 150, "Dataset3JokeSet.xlsx"),
+            parse=_jester_workbook(JESTER3_RATINGS, 150, "Dataset3JokeSet.xlsx"), extra_sources=(JESTER_ITEMS,),
             downloads=(Download(f"{EIGENTASTE}JesterDataset3.zip",
                                 "0987d0d892f833ce9f889addb18c1960cb086658362a77a27216327ffb91614f",
                                 (JESTER3_RATINGS,)),),
@@ -203,6 +217,7 @@ DATASETS: dict[str, DatasetEntry] = {
             size="3 MB", licence=JESTER_LICENCE, citation=JESTER_CITATION, scale=JESTER,
             files=(JESTER4_RATINGS,), optional_files=("Dataset4JokeSet.xlsx",),
             parse=_jester_workbook(JESTER4_RATINGS, 158, "Dataset4JokeSet.xlsx"), n_ratings=106_489,
+            extra_sources=(JESTER_ITEMS,),
             downloads=(Download(f"{EIGENTASTE}JesterDataset4.zip",
                                 "98382f7f652daf67d7c6963afd7e007cea180b20af290c115fcb587387ea831b",
                                 (JESTER4_RATINGS, "Dataset4JokeSet.xlsx")),),

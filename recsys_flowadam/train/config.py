@@ -126,7 +126,8 @@ class DataConfig:
                                                           "kfold:K:F, temporal, ...")
     data_dir: str | Path | None = Field(
         None, description="data root; unset: $RECSYS_FLOWADAM_DATA or the user cache")
-    offline: bool = Field(False, description="never download")
+    offline: bool = Field(False, description="accepted for scripts: loading never downloads (use `recsys-flowadam "
+                                             "data fetch NAME`)")
     clip_ratings: bool = Field(
         False, description="clip the training data to the rating scale (Jester-4 has values outside it)")
     data_options: dict[str, Any] = Field(
