@@ -322,6 +322,27 @@ def test_load_rejects(saved: Path, case: str) -> None:
     assert str(saved) in str(info.value), "the message names the folder"
 
 
+def test_load_refuses_a_fifo_or_device_in_place_of_model_json(tmp_path: Path) -> None:
+    import os
+
+    target = save_artifact(tmp_path / "model", *make_parts())
+    (target / "model.json").unlink()
+    os.mkfifo(target / "model.json")  # opening it for reading would block forever
+    with pytest.raises(ArtifactError, match="model.json is not a regular file"):
+        load_artifact(target)
+    (target / "model.json").unlink()
+    (target / "model.json").symlink_to("/dev/zero")
+    with pytest.raises(ArtifactError, match="model.json is not a regular file"):
+        load_artifact(target)
+
+
+def test_a_rating_scale_beyond_float32_is_refused(tmp_path: Path) -> None:
+    tensors, meta = make_parts()
+    meta["rating_scale"] = {"min": -1e308, "max": 1e308}
+    with pytest.raises(ArtifactError, match="rating_scale must lie within"):
+        save_artifact(tmp_path / "model", tensors, meta)
+
+
 def test_load_missing_folder(tmp_path: Path) -> None:
     with pytest.raises(ArtifactError, match="does not exist"):
         load_artifact(tmp_path / "nowhere")

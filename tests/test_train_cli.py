@@ -227,3 +227,31 @@ def test_a_failed_save_keeps_the_trained_model(tmp_path, capsys, monkeypatch):
     rescued = [p for p in tmp_path.iterdir() if p.name.startswith("out.unsaved-")]
     assert len(rescued) == 1 and load_artifact(rescued[0]).meta.model_type == "biased-mf"
     assert (rescued[0] / "metrics.jsonl").is_file()
+
+
+@pytest.mark.parametrize("extra,message", [
+    (["--rank", "1000000000"], "needs about .* for the factors alone"),
+    (["--device", "tpu"], "--device must be auto, cpu, cuda, cuda:N or mps"),
+    (["--optimizer-option", "betas=2"], "betas must be a pair of numbers"),
+    (["--min-delta", "nan"], "--min-delta must be a finite number"),
+    (["--init-std", "-1"], "--init-std must be greater than or equal to 0"),
+    (["--model", "cp"], "--model cp needs a third mode.*--context time:N"),
+])
+def test_bad_settings_give_one_line_errors(tmp_path, capsys, extra, message):
+    import re
+
+    assert main(["train", *SYN, "--steps", "2", "--out", str(tmp_path / "o"), *extra]) == 2
+    err = capsys.readouterr().err
+    assert re.search(message, err) and "Traceback" not in err and len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "o").exists()
+
+
+def test_settings_are_checked_before_torch_is_imported(tmp_path):
+    """A bad flag or a missing recipe is reported at once, not after torch's start-up."""
+    code = ("import sys; from recsys_flowadam.cli import main; "
+            f"rc = main(['train', '--dataset', 'ml-100k', {{}}]); assert 'torch' not in sys.modules, 'torch'; "
+            "sys.exit(rc)")
+    for flag in ("'--rank', '-1'", f"'--recipe', {str(tmp_path / 'missing.toml')!r}"):
+        done = subprocess.run([sys.executable, "-c", code.format(flag)], capture_output=True, text=True)
+        assert done.returncode == 2, done.stderr
+        assert "recsys-flowadam: error:" in done.stderr

@@ -15,6 +15,7 @@ import ctypes.util
 import json
 import os
 import shutil
+import stat
 import struct
 import sys
 import tempfile
@@ -234,14 +235,24 @@ def _read_tensors(path: Path, fh: IO[bytes]) -> dict[str, np.ndarray]:
 
 
 def _open_in(dir_fd: int | None, directory: Path, name: str) -> IO[bytes]:
+    """Open an artifact file for reading; only a regular file is accepted. O_NONBLOCK keeps a
+    FIFO put in its place from blocking the open (and so the service's start) forever."""
+    flags = os.O_RDONLY | getattr(os, "O_NONBLOCK", 0)
     try:
         if dir_fd is None:  # no openat (Windows): by path, the rename race is then not covered
-            return open(directory / name, "rb")
-        return os.fdopen(os.open(name, os.O_RDONLY, dir_fd=dir_fd), "rb")
+            fd = os.open(directory / name, flags)
+        else:
+            fd = os.open(name, flags, dir_fd=dir_fd)
     except FileNotFoundError:
         raise ArtifactError(f"{directory}: {name} is missing") from None
     except OSError as exc:
         raise ArtifactError(f"{directory}: {name} cannot be read ({exc})") from None
+    if not stat.S_ISREG(os.fstat(fd).st_mode):
+        os.close(fd)
+        raise ArtifactError(f"{directory}: {name} is not a regular file (a FIFO, device or folder); refusing to read it")
+    if hasattr(os, "set_blocking"):
+        os.set_blocking(fd, True)
+    return os.fdopen(fd, "rb")
 
 
 def _parse_meta(directory: Path, raw: str) -> ArtifactMeta:

@@ -42,6 +42,9 @@ class TrainingData(_Strict):
     seed: int
 
 
+_RATING_LIMIT = 1e15  # far beyond any rating scale; float32 predictions and squared errors stay finite
+
+
 class RatingScaleInfo(_Strict):
     min: float
     max: float
@@ -50,6 +53,9 @@ class RatingScaleInfo(_Strict):
     def _ordered(self) -> "RatingScaleInfo":
         if not (math.isfinite(self.min) and math.isfinite(self.max) and self.min < self.max):
             raise ValueError(f"rating_scale needs finite min < max, got min={self.min}, max={self.max}")
+        if max(abs(self.min), abs(self.max)) > _RATING_LIMIT:
+            # predictions are float32 and a span this wide overflows in clipping and error sums
+            raise ValueError(f"rating_scale must lie within +-{_RATING_LIMIT:g}, got min={self.min}, max={self.max}")
         return self
 
 

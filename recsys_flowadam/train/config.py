@@ -38,6 +38,13 @@ def _context_spec(value: str) -> str:
     return value
 
 
+def _device_name(value: str) -> str:
+    """A torch device this project runs on (checked here, before torch is imported)."""
+    if not re.fullmatch(r"auto|cpu|mps|cuda(:[0-9]+)?", value):
+        raise ValueError("must be auto, cpu, cuda, cuda:N or mps")
+    return value
+
+
 def _preset_name(value: str) -> str:
     """A FlowAdam preset, in either case (FlowAdam upper-cases it)."""
     if value.upper() not in ("A", "B"):
@@ -93,7 +100,8 @@ class TrainConfig:
     min_delta: float = Field(0.0, ge=0, allow_inf_nan=False,
                              description="validation RMSE improvement needed to reset patience")
     seed: int = Field(0, ge=0, description="fixes init, split and shuffling")
-    device: str = Field("auto", min_length=1, description="auto (CUDA when available), cpu, cuda or cuda:N")
+    device: Annotated[str, AfterValidator(_device_name)] = Field(
+        "auto", description="auto (CUDA when available), cpu, cuda, cuda:N or mps")
     representation: Literal["auto", "dense", "sparse", "minibatch"] = Field(
         "auto", description="how to hold the training data; auto: by batch size and memory budget")
     memory_budget_gb: float | None = Field(

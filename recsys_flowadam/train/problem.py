@@ -7,6 +7,7 @@ so); ``reg_weighting="frequency"`` weights each row's L2 penalty by its share of
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 
 import torch
@@ -55,12 +56,55 @@ def torch_dtype(config: TrainConfig) -> torch.dtype:
     return torch.float64 if config.dtype == "float64" else torch.float32
 
 
+# Copies of the parameters a run holds at once: the parameters, their gradients, Adam's two
+# moments, and FlowAdam's ODE state and best-parameter snapshot on top (an estimate, not a bound).
+_PARAMETER_COPIES = 6
+_MINIMUM_COPIES = 2  # parameters and gradients: what any optimizer holds; refused only past this
+
+
+def check_memory(spec: ModelSpec, dtype: torch.dtype, device: torch.device) -> None:
+    """Refuse, naming the memory it would need, a model whose parameters cannot fit the device
+    (``--rank 1000000000`` otherwise ends in an allocator traceback)."""
+    rows = spec.n_users + spec.n_items + spec.n_contexts
+    factors = rows * spec.rank * dtype.itemsize
+    need = factors * _PARAMETER_COPIES
+    available = _device_memory(device)
+    if available is not None and factors * _MINIMUM_COPIES > available:
+        raise ValueError(f"rank {spec.rank} needs about {_gib(factors)} for the factors alone ({rows:,} rows x rank "
+                         f"{spec.rank:,} x {dtype.itemsize} bytes) and about {_gib(need)} with gradients and "
+                         f"optimizer state; {device} has {_gib(available)}: choose a smaller --rank")
+
+
+def _device_memory(device: torch.device) -> int | None:
+    """Total memory of ``device`` in bytes (None when unknown)."""
+    if device.type == "cuda":
+        return int(torch.cuda.mem_get_info(device)[1])
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (AttributeError, ValueError, OSError):
+        return None
+
+
+def _gib(n_bytes: float) -> str:
+    return f"{n_bytes / 2**40:,.1f} TiB" if n_bytes >= 2**40 else f"{n_bytes / 2**30:,.1f} GiB"
+
+
+def _cp_needs_contexts(train: Ratings) -> str:
+    return ("--model cp needs a third mode, and these ratings have none: give --context time:N (N equal-count "
+            "time bins of the ratings' timestamps; MovieLens datasets and CSV files with a timestamp column have "
+            "them" + ("" if train.timestamps is None else ", and so does this one") + ") or use a dataset with "
+            "contexts (synthetic with -o n_contexts=K)")
+
+
 def build_problem(train: Ratings, config: TrainConfig, device: torch.device) -> Problem:
     """The spec, objective and training coordinates of ``config.model`` on ``train``."""
     is_cp = config.model == "cp"
     dtype = torch_dtype(config)
+    if is_cp and train.n_contexts < 1:
+        raise ValueError(_cp_needs_contexts(train))
     spec = ModelSpec(config.model, train.n_users, train.n_items, config.rank,
                      n_contexts=train.n_contexts if is_cp else 0, biases=config.cp_biases if is_cp else None)
+    check_memory(spec, dtype, device)
     center = spec.has_biases if config.center is None else config.center
     coords = coords_from_ratings(train, device=device, dtype=dtype, use_contexts=is_cp)
     objective = Objective(reg=config.reg, bias_reg=config.effective_bias_reg, loss=config.loss,
