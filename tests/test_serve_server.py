@@ -8,7 +8,9 @@ import socket
 import subprocess
 import sys
 import time
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Iterator
 
 import httpx
 import numpy as np
@@ -25,40 +27,54 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-@pytest.fixture
-def server(tmp_path: Path):
-    artifact = random_artifact(tmp_path / "model", n_users=50, n_items=80, rank=8, seed=4, factor_std=1.0)
+@contextmanager
+def running_server(artifact: Path, log_path: Path, *, workers: int = 2,
+                   env: dict[str, str] | None = None) -> Iterator[tuple[str, subprocess.Popen]]:
+    """`recsys-flowadam serve ARTIFACT` on a free loopback port, ready; yields (base URL, process).
+
+    ``env`` adds RECSYS_FLOWADAM_* settings; the caller's own RECSYS_FLOWADAM_* are not passed on.
+    The process group (uvicorn's supervisor and its workers) is stopped on exit.
+    """
     port = _free_port()
-    env = {k: v for k, v in os.environ.items() if not k.startswith("RECSYS_FLOWADAM_")}
-    log = open(tmp_path / "server.log", "wb")
+    child_env = {k: v for k, v in os.environ.items() if not k.startswith("RECSYS_FLOWADAM_")}
+    child_env.update(env or {})
+    log = open(log_path, "wb")
     proc = subprocess.Popen(
         [sys.executable, "-m", "recsys_flowadam", "serve", str(artifact), "--host", "127.0.0.1",
-         "--port", str(port), "--workers", "2", "--log-level", "warning"],
-        stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True,
+         "--port", str(port), "--workers", str(workers), "--log-level", "warning"],
+        stdout=log, stderr=subprocess.STDOUT, env=child_env, start_new_session=True,
     )
     base = f"http://127.0.0.1:{port}"
     try:
         deadline = time.monotonic() + 60
         while True:
             if proc.poll() is not None:
-                pytest.fail(f"server exited with {proc.returncode}: {(tmp_path / 'server.log').read_text()}")
+                pytest.fail(f"server exited with {proc.returncode}: {log_path.read_text()}")
             try:
                 if httpx.get(f"{base}/ready", timeout=1).status_code == 200:
                     break
             except httpx.TransportError:
                 pass
             if time.monotonic() > deadline:
-                pytest.fail(f"server not ready in 60 s: {(tmp_path / 'server.log').read_text()}")
+                pytest.fail(f"server not ready in 60 s: {log_path.read_text()}")
             time.sleep(0.2)
-        yield base, artifact
+        yield base, proc
     finally:
-        os.killpg(proc.pid, signal.SIGTERM)  # uvicorn's supervisor and its workers
-        try:
-            proc.wait(20)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait(5)
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGTERM)
+            try:
+                proc.wait(20)
+            except subprocess.TimeoutExpired:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait(5)
         log.close()
+
+
+@pytest.fixture
+def server(tmp_path: Path):
+    artifact = random_artifact(tmp_path / "model", n_users=50, n_items=80, rank=8, seed=4, factor_std=1.0)
+    with running_server(artifact, tmp_path / "server.log") as (base, _):
+        yield base, artifact
 
 
 @pytest.mark.slow

@@ -12,9 +12,13 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
 from fastapi import FastAPI
+from fastapi.exceptions import RequestValidationError
+from fastapi_offline import FastAPIOffline
 from threadpoolctl import threadpool_limits
 
 from recsys_flowadam import __version__
+from recsys_flowadam.serve.errors import validation_error_handler
+from recsys_flowadam.serve.limits import BodySizeLimit
 from recsys_flowadam.serve.routers import admin, health, model, predict, recommend
 from recsys_flowadam.serve.settings import Settings
 from recsys_flowadam.serve.state import ModelHolder
@@ -50,13 +54,17 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     holder = ModelHolder(topk_threads=settings.topk_threads)
     if settings.artifact_dir is not None:
         holder.load(settings.artifact_dir)
-    app = FastAPI(
+    # FastAPIOffline: FastAPI whose /docs and /redoc load their scripts and styles from files the
+    # fastapi-offline package ships (served under /static-offline-docs), not from a CDN
+    app = FastAPIOffline(
         title="recsys-flowadam",
         version=__version__,
         description="Rating predictions, recommendations and similar items from a trained recsys-flowadam artifact.",
         lifespan=_lifespan,
-        max_body_size=settings.max_body_bytes,  # 413 for larger bodies, chunked ones included
+        exception_handlers={RequestValidationError: validation_error_handler},
     )
+    # 413 for larger bodies while they stream in, chunked ones included (see limits.py)
+    app.add_middleware(BodySizeLimit, max_bytes=settings.max_body_bytes)
     app.state.settings = settings
     app.state.holder = holder
     for module in (health, model, predict, recommend, admin):
