@@ -186,3 +186,20 @@ def test_all_checks_the_real_datasets_before_running_anything(tmp_path, capsys):
     assert rc == 2 and "jester" in capsys.readouterr().err
     assert not out.exists()
     assert main(["reproduce", "all", "--jobs", "0", "--out", str(out)]) == 2
+
+
+def test_without_matplotlib_the_report_keeps_its_tables_and_says_why_no_plots(tmp_path, capsys, monkeypatch):
+    """matplotlib is the optional `plots` extra: its absence is said up front and costs only the PNGs."""
+    import importlib.util
+
+    real_find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *a: None if name == "matplotlib" else real_find_spec(name, *a))
+    out = tmp_path / "reports"
+    assert main(["reproduce", "matrix-completion", "--quick", "--protocol", "paper", "--steps", "10",
+                 "--out", str(out), "--no-progress"]) == 0
+    err = capsys.readouterr().err
+    assert err.index("matplotlib is not installed") < err.index("matrix-completion: 0 min")  # before the runs
+    assert not list(out.glob("*.png"))
+    assert "recsys-flowadam[plots]" in (out / "matrix-completion.md").read_text()
+    assert json.loads((out / "matrix-completion.json").read_text())["protocols"][0]["scenarios"][0]["rows"]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import shlex
+import sys
 
 EXPERIMENT_NAMES = ("matrix-completion", "tensor-completion", "robust-factorization", "jester", "movielens",
                     "ablation", "gamma", "all")
@@ -82,6 +83,10 @@ def handle(args: argparse.Namespace) -> int:
             raise CLIError(f"--lr-grid: expected numbers separated by commas, got {args.lr_grid!r}") from None
         if not lr_grid or min(lr_grid) <= 0:
             raise CLIError("--lr-grid: learning rates must be > 0")
+    from recsys_flowadam.reproduce.report import PLOTS_MISSING, plots_available
+
+    if not plots_available():  # said up front, not discovered after an hour of runs
+        print(f"recsys-flowadam: note: {PLOTS_MISSING}", file=sys.stderr)
     protocols = ("paper", "fair") if args.protocol == "both" else (args.protocol,)
     opts = ExperimentOptions(protocols=protocols, seeds=args.seeds, quick=args.quick, steps=args.steps,
                              lr_grid=lr_grid,

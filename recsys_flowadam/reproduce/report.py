@@ -136,8 +136,22 @@ def markdown(result: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+PLOTS_MISSING = ("no learning-curve plots: matplotlib is not installed (pip install 'recsys-flowadam[plots]'); "
+                 "the tables and the JSON are complete")
+
+
+def plots_available() -> bool:
+    """Whether matplotlib (the optional ``plots`` extra) can be imported."""
+    import importlib.util
+
+    return importlib.util.find_spec("matplotlib") is not None
+
+
 def plot_scenario(sc: dict[str, Any], path: Path) -> bool:
-    """Test error against gradient evaluations and against wall-clock time (first seed), like the paper's Fig. 3."""
+    """Test error against gradient evaluations and against wall-clock time (first seed), like the paper's Fig. 3.
+    False (nothing written) when there is no curve, or no matplotlib (the ``plots`` extra)."""
+    if not plots_available():
+        return False
     import matplotlib
 
     matplotlib.use("Agg")
@@ -173,6 +187,8 @@ def write_report(result: dict[str, Any], out_dir: str | Path) -> dict[str, Path]
     out.mkdir(parents=True, exist_ok=True)
     name = result["experiment"]
     written: dict[str, Path] = {}
+    if not plots_available() and PLOTS_MISSING not in result.setdefault("notes", []):
+        result["notes"].append(PLOTS_MISSING)
     for proto in result["protocols"]:
         for sc in proto["scenarios"]:
             png = out / f"{name}-{proto['protocol']['name']}-{sc['key']}.png"
