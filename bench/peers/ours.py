@@ -1,0 +1,96 @@
+"""Ours (``recsys_flowadam.Recommender``, the Python path of ``train``) on the bench's train/test files.
+
+Not a peer: the runner that puts ours under the same protocol as the peers (a process of its own,
+the same files, the same scoring, one JSON line). It runs in the project's environment.
+
+The modules ``fit`` would import lazily (torch, the trainer, and ``torch._dynamo``, which
+``torch.optim`` pulls in on its first use, about 3 s) are imported before the clock starts, as the
+peers' libraries are; the process's wall time still counts them.
+
+Settings: ``train``'s defaults (rank 20 is the default), plus ``--optimizer`` when given; nothing
+is tuned. Like ``train``, ours early-stops on a validation part: a seeded 1/8 of the training file
+(the share ``train``'s splits hold out), so ours fits 7/8 of the ratings the peers fit. Held-out
+ratings of users or items absent from that 7/8 are left out of the validation part (a handful).
+
+``--trace``: the measurement run for "time to reach a target RMSE". The same 7/8 training part and
+seed, but the *test* file is given as the validation part, so the history's held-out RMSE at each
+evaluation is the test RMSE along the run's trajectory. Its early stopping then looks at test data,
+so its final numbers are never reported as ours' RMSE; only its history is used.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from peer_io import SCALE, Stopwatch, arg_parser, emit, read_ratings, rmse
+
+VAL_SHARE = 0.125  # as train's u1..u5 and kfold splits carve validation out of a fixed train part
+
+
+def carve_validation(train, seed: int):
+    """``(fit_part, val_part)``: a seeded random 1/8 of the training rows held out for early stopping."""
+    perm = np.random.default_rng(seed).permutation(len(train))
+    n_val = int(round(VAL_SHARE * len(train)))
+    return train.iloc[np.sort(perm[n_val:])], train.iloc[np.sort(perm[:n_val])]
+
+
+def warm_only(held_out, fit_part):
+    """``held_out`` without ratings of users or items absent from ``fit_part``.
+
+    Ours indexes the IDs of the training and validation frames together, so a cold ID there would
+    change the index and with it the initial factors; with warm held-out parts the main run and the
+    trace run share one index and train identically (the bench checks the training losses)."""
+    warm = held_out["user"].isin(fit_part["user"].unique()) & held_out["item"].isin(fit_part["item"].unique())
+    return held_out[warm.to_numpy()]
+
+
+def run_summary(rec, fit_seconds: float) -> dict:
+    """What the fitted Recommender reports about its run."""
+    meta = rec.artifact_.meta
+    return {"optimizer": rec.config_.optimizer, "fit_seconds": fit_seconds, "loop_seconds": rec.train_seconds_,
+            "steps": meta.metrics.get("steps"), "best_step": meta.metrics.get("best_step"),
+            "stopped": meta.metrics.get("stopped"), "grad_evals": rec.grad_evals_,
+            "representation": meta.train_config.get("representation_used"),
+            "device": meta.train_config.get("device_used"), "best_val_rmse": rec.best_val_rmse_,
+            "ode_triggers": meta.optimizer.diagnostics.get("ode_triggers"),
+            "optimizer_params": meta.optimizer.params}
+
+
+def main() -> None:
+    ap = arg_parser(__doc__.splitlines()[0])
+    ap.add_argument("--optimizer", default=None, help="unset: train's default optimizer")
+    ap.add_argument("--trace", action="store_true", help="test file as the validation part; report the history")
+    args = ap.parse_args()
+    import torch
+    import torch._dynamo  # noqa: F401  (torch.optim imports it on first use: an import, not training)
+
+    import recsys_flowadam
+    import recsys_flowadam.serve.scorer  # noqa: F401
+    import recsys_flowadam.train.pipeline  # noqa: F401  (fit imports these lazily)
+    from recsys_flowadam import Recommender
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    train, test = read_ratings(args.train), read_ratings(args.test)
+    fit_part, val_part = carve_validation(train, args.seed)
+    settings = {"seed": args.seed} | ({"optimizer": args.optimizer} if args.optimizer else {})
+    rec = Recommender(**settings)
+    held_out = warm_only(test if args.trace else val_part, fit_part)
+    with Stopwatch() as fit:
+        rec.fit(fit_part, held_out, scale=SCALE)
+    out = {"name": f"ours ({args.optimizer or 'default'})", "version": recsys_flowadam.__version__,
+           "settings": settings, "threads": torch.get_num_threads(), "n_fit": len(fit_part),
+           "n_held_out": len(held_out), "n_cold_dropped": len(test if args.trace else val_part) - len(held_out),
+           **run_summary(rec, fit.seconds)}
+    held_out = "test_rmse" if args.trace else "val_rmse"
+    out["history"] = [{"step": h["step"], "seconds": h["seconds"], "train_loss": h["train_loss"],
+                       held_out: h.get("val_rmse")} for h in rec.history_]
+    if not args.trace:
+        with Stopwatch() as pred:
+            scores = rec.predict(test["user"].to_numpy(), test["item"].to_numpy())
+        out.update(test_rmse=rmse(scores, test["rating"].to_numpy()), predict_seconds=pred.seconds)
+    emit(out)
+
+
+if __name__ == "__main__":
+    main()
