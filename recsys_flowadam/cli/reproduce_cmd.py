@@ -21,11 +21,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--protocol", choices=("paper", "fair", "both"), default="both",
                    help="comparison protocol (default: both, one report section each)")
     p.add_argument("--seeds", type=int, default=5, help="number of seeds, 0..N-1 (default 5; movielens uses at most 3)")
-    p.add_argument("--quick", action="store_true", help="1 seed, short runs, small grids (a smoke run)")
+    p.add_argument("--quick", action="store_true",
+                   help="1 seed, short runs, small grids not extended past their edges (a smoke run)")
     p.add_argument("--steps", type=int, default=None, help="override every run's step count")
     p.add_argument("--lr-grid", default=None, metavar="LR,LR,...",
                    help="fair protocol: the lr grid of every tuned optimizer (Lion's is divided by 10); default "
-                        "1e-3,3e-3,1e-2,3e-2 (jester, movielens: 1e-4,3e-4,1e-3,3e-3)")
+                        "1e-3,3e-3,1e-2,3e-2 (jester, movielens: 1e-4,3e-4,1e-3,3e-3). Without --quick a grid is "
+                        "extended past an edge where the best lr sits (lr in [1e-6, 1], at most 4 extra runs)")
     p.add_argument("--out", default="reports", help="output folder (default reports/)")
     p.add_argument("--dataset", default=None, help="jester: dataset name (default jester-1 when present, else "
                    "jester-4); movielens: default ml-100k")

@@ -2,10 +2,12 @@
 
 For each scenario and seed the task is built once and every contender trains on it from the
 same seeded initialisation. Tuned contenders (a grid of more than one point) try every grid
-point on the *first* seed and keep the one with the lowest validation error; that run is the
-first seed's result and the choice is fixed for the remaining seeds. Compute-matched
-contenders run after the contender they match, with its gradient-evaluation count on that
-seed as their budget.
+point on the *first* seed, extend the grid past an edge as the ``TuningPolicy`` allows (see
+``tuning``) and keep the point with the lowest validation error; that run is the first seed's
+result and the choice is fixed for the remaining seeds. Compute-matched contenders run after
+the contender they match, with its gradient-evaluation count on that seed as their budget; with
+``retune`` their lr is tuned on the first seed for that budget (the matched baseline's choice and
+its neighbours, extended like any grid), else it is reused.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ import numpy as np
 from recsys_flowadam.reproduce.protocols import Contender
 from recsys_flowadam.reproduce.runner import RunSpec, run_one
 from recsys_flowadam.reproduce.tasks import Task
+from recsys_flowadam.reproduce.tuning import NO_EXTENSION, Point, TuningPolicy, local_grid, tune, untuned_choice
 
 BASELINE = "Adam"  # the row every other row is tested against
 
@@ -46,10 +49,11 @@ def _record(run: RunSpec, seed: int, res, keep_curve: bool) -> dict[str, Any]:
 
 def compare(scenarios: list[Scenario], contenders: list[Contender], seeds: list[int], *, steps: int,
             with_val: bool, eval_every: int = 25, progress: bool = True, position: int | None = None,
-            desc: str = "") -> list[dict[str, Any]]:
+            desc: str = "", policy: TuningPolicy = NO_EXTENSION) -> list[dict[str, Any]]:
     """Every contender on every scenario and seed; returns one dict per scenario (rows, tuning, summary).
 
-    ``position``: the progress bar's terminal row (several experiments running at once).
+    ``policy``: how tuning may extend a grid past its edges (default: not at all; the choice is
+    flagged). ``position``: the progress bar's terminal row (several experiments running at once).
     """
     from tqdm.auto import tqdm
 
@@ -58,7 +62,7 @@ def compare(scenarios: list[Scenario], contenders: list[Contender], seeds: list[
         for ref in (c.match, c.lr_from):
             if ref is not None and (ref not in labels or labels.index(ref) > labels.index(c.label)):
                 raise ValueError(f"contender {c.label!r} refers to {ref!r}, which must come before it")
-    n_first = sum(max(1, len(c.grid)) for c in contenders)
+    n_first = sum(3 if c.retune else max(1, len(c.grid)) for c in contenders)
     total = len(scenarios) * (n_first + (len(seeds) - 1) * len(contenders))
     bar = tqdm(total=total, desc=desc or "reproduce", unit="run", disable=not progress, position=position,
                leave=position is None)
@@ -67,15 +71,15 @@ def compare(scenarios: list[Scenario], contenders: list[Contender], seeds: list[
         for sc in scenarios:
             rows: dict[str, dict[str, Any]] = {c.label: {"contender": c.describe(), "runs": [], "tuning": []}
                                                for c in contenders}
-            chosen: dict[str, tuple[float, dict[str, Any]]] = {}
+            chosen: dict[str, Point] = {}
             info: dict[str, Any] = {}
             for si, seed in enumerate(seeds):
                 task = sc.build(seed, with_val)
                 info = task.info
                 for c in contenders:
                     bar.set_postfix_str(f"{sc.key} seed {seed} {c.label}")
-                    run = _run_contender(task, c, seed, si == 0, rows, chosen, steps, eval_every, bar.update)
-                    rows[c.label]["runs"].append(run)
+                    ctx = _Context(task, seed, si == 0, rows, chosen, steps, eval_every, bar, policy)
+                    rows[c.label]["runs"].append(_run_contender(ctx, c))
             for label, row in rows.items():
                 base = rows.get(BASELINE, {}).get("runs") if label != BASELINE else None
                 row["summary"] = summarise(row["runs"], base)
@@ -86,43 +90,89 @@ def compare(scenarios: list[Scenario], contenders: list[Contender], seeds: list[
     return out
 
 
-def _run_contender(task: Task, c: Contender, seed: int, first: bool, rows: dict[str, dict[str, Any]],
-                   chosen: dict[str, tuple[float, dict[str, Any]]], steps: int, eval_every: int,
-                   tick: Callable[[int], Any]) -> dict[str, Any]:
-    """One contender on one seed: tune on the first seed, reuse the choice after; compute-match when asked."""
-    if c.match is not None or c.lr_from is not None:
-        lr, kw = chosen[c.lr_from or c.label]
-        budget = rows[c.match]["runs"][-1]["grad_evals"] if c.match else c.max_grad_evals
-        spec = RunSpec(c.optimizer, lr, c.reg, {**c.kwargs, **kw}, steps=None if c.match else steps,
-                       max_grad_evals=budget)
-        tick(1)
-        return _record(spec, seed, run_one(task, spec, seed, eval_every=eval_every), first)
-    if len(c.grid) > 1 and first:
-        if task.score_val is None:
-            raise ValueError(f"{task.scenario}: tuning {c.label} needs a validation split")
-        best = None
-        for lr, kw in c.grid:
-            spec = _spec(c, lr, kw, steps)
-            res = run_one(task, spec, seed, eval_every=eval_every)
-            rows[c.label]["tuning"].append({"lr": lr, "kwargs": kw, "val": res.scores.get("val"),
-                                            "test": res.scores.get("test"), "grad_evals": res.grad_evals,
-                                            "seconds": round(res.seconds, 4)})
-            tick(1)
-            if best is None or res.scores["val"] < best[1].scores["val"]:
-                best = (spec, res, kw)
-        assert best is not None
-        chosen[c.label] = (best[0].lr, best[2])
-        return _record(best[0], seed, best[1], first)
-    lr, kw = chosen.get(c.label, c.grid[0])
-    chosen[c.label] = (lr, kw)
-    spec = _spec(c, lr, kw, steps)
-    tick(1)
-    return _record(spec, seed, run_one(task, spec, seed, eval_every=eval_every), first)
+@dataclass
+class _Context:
+    """What one contender's run on one seed needs from ``compare``."""
+
+    task: Task
+    seed: int
+    first: bool
+    rows: dict[str, dict[str, Any]]
+    chosen: dict[str, Point]  # label -> (lr, options) fixed on the first seed
+    steps: int
+    eval_every: int
+    bar: Any
+    policy: TuningPolicy
+
+    def spec(self, c: Contender, lr: float, kw: dict[str, Any]) -> RunSpec:
+        """The run of ``c`` at (lr, kw): its step budget, or the matched contender's evaluations on this seed."""
+        opts = {**c.kwargs, **kw}
+        if c.match is not None:
+            budget = self.rows[c.match]["runs"][-1]["grad_evals"]
+            return RunSpec(c.optimizer, lr, c.reg, opts, steps=None, max_grad_evals=budget)
+        return RunSpec(c.optimizer, lr, c.reg, opts, steps=None if c.max_grad_evals else self.steps,
+                       max_grad_evals=c.max_grad_evals)
+
+    def tick(self, extension: bool = False) -> None:
+        if extension and not self.bar.disable:  # a run the estimated total did not count
+            self.bar.total += 1
+        self.bar.update(1)
 
 
-def _spec(c: Contender, lr: float, kw: dict[str, Any], steps: int) -> RunSpec:
-    return RunSpec(c.optimizer, lr, c.reg, {**c.kwargs, **kw}, steps=None if c.max_grad_evals else steps,
-                   max_grad_evals=c.max_grad_evals)
+def _run_contender(ctx: _Context, c: Contender) -> dict[str, Any]:
+    """One contender on one seed: tune on the first seed (or take its fixed/reused lr), reuse the choice after."""
+    row = ctx.rows[c.label]
+    if ctx.first:
+        points, kw_grid, how = _first_seed_points(c, ctx)
+        if len(points) > 1:
+            return _tune_first_seed(ctx, c, points, kw_grid)
+        ctx.chosen[c.label] = points[0]
+        row["choice"] = untuned_choice(points[0][0], points[0][1], how)
+    lr, kw = ctx.chosen[c.label]
+    spec = ctx.spec(c, lr, kw)
+    ctx.tick()
+    return _record(spec, ctx.seed, run_one(ctx.task, spec, ctx.seed, eval_every=ctx.eval_every), ctx.first)
+
+
+def _first_seed_points(c: Contender, ctx: _Context) -> tuple[list[Point], tuple[dict[str, Any], ...], str]:
+    """The points ``c`` tries on the first seed, its options grid, and how a single point was chosen.
+
+    A contender with ``lr_from`` starts from that contender's choice: reused as it is, or (``retune``)
+    re-tuned for its own budget over the choice and its neighbours among the lrs the other tried.
+    """
+    if c.lr_from is None:
+        if not c.grid:
+            raise ValueError(f"contender {c.label!r} has no lr grid and no lr_from")
+        return c.grid, c.kw_grid, "fixed"
+    lr, kw = ctx.chosen[c.lr_from]
+    if not c.retune:
+        return [(lr, kw)], (kw,), f"reused from {c.lr_from}"
+    grid = local_grid(ctx.rows[c.lr_from]["tuning"], lr, kw)
+    return [(g, kw) for g in grid], (kw,), f"reused from {c.lr_from} (it was not tuned)"
+
+
+def _tune_first_seed(ctx: _Context, c: Contender, points: list[Point],
+                     kw_grid: tuple[dict[str, Any], ...]) -> dict[str, Any]:
+    """Tune ``c`` over ``points`` (extended as ``ctx.policy`` allows); the best run is the first seed's result."""
+    if ctx.task.score_val is None:
+        raise ValueError(f"{ctx.task.scenario}: tuning {c.label} needs a validation split")
+    runs: list[tuple[RunSpec, Any]] = []
+
+    def evaluate(lr: float, kw: dict[str, Any]) -> dict[str, Any]:
+        spec = ctx.spec(c, lr, kw)
+        res = run_one(ctx.task, spec, ctx.seed, eval_every=ctx.eval_every)
+        runs.append((spec, res))
+        ctx.tick(extension=len(runs) > len(points))
+        return {"val": res.scores.get("val"), "test": res.scores.get("test"), "grad_evals": res.grad_evals,
+                "seconds": round(res.seconds, 4)}
+
+    tuned = tune(points, evaluate, ctx.policy, kw_grid)
+    ctx.rows[c.label]["tuning"] = tuned.records
+    ctx.rows[c.label]["choice"] = tuned.choice
+    best = tuned.records[tuned.best]
+    ctx.chosen[c.label] = (best["lr"], best["kwargs"])
+    spec, res = runs[tuned.best]
+    return _record(spec, ctx.seed, res, True)
 
 
 def wilcoxon_vs(values: list[float], baseline: list[float]) -> tuple[float | None, str]:

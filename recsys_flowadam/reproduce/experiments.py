@@ -25,6 +25,7 @@ from recsys_flowadam.reproduce.protocols import (
 )
 from recsys_flowadam.reproduce.report import versions
 from recsys_flowadam.reproduce.tasks import robust_task, synthetic_task
+from recsys_flowadam.reproduce.tuning import NO_EXTENSION, TuningPolicy
 
 LAMBDA = 1e-5  # the paper's L2 weight for every experiment here
 PAPER_LR = 0.01
@@ -56,6 +57,15 @@ class ExperimentOptions:
             return self.steps
         return quick if self.quick else full
 
+    def tuning_policy(self) -> TuningPolicy:
+        """Full runs extend an lr grid past its edges; ``--quick`` does not (its report says so)."""
+        return NO_EXTENSION if self.quick else TuningPolicy()
+
+    def tuning_text(self, points: int) -> str:
+        """The protocol's 'tuning' line: grid size, selection, extension policy."""
+        return (f"lr grid of {points} points per optimizer, chosen by validation RMSE on the first seed; "
+                + self.tuning_policy().describe())
+
     def bars(self) -> dict[str, Any]:
         """The progress options of ``compare``."""
         return {"progress": self.progress, "position": self.progress_position}
@@ -84,10 +94,9 @@ def _synthetic_protocols(name: str, opts: ExperimentOptions, scenarios: list[Sce
             cont = fair_tuned(LAMBDA, quick=opts.quick, extra=not opts.quick, grid=opts.lr_grid)
             shown = [replace(s, paper={}) for s in scenarios]  # the paper's figures belong to its protocol
             scen = compare(shown, cont, opts.seed_list, steps=steps, with_val=True, **opts.bars(),
-                           desc=f"{name}/fair")
+                           desc=f"{name}/fair", policy=opts.tuning_policy())
             extra = {"training_data": "observed entries minus a seeded 10% validation hold-out",
-                     "tuning": f"lr grid of {len(cont[0].grid)} points per optimizer, chosen by validation RMSE "
-                               "on the first seed"}
+                     "tuning": opts.tuning_text(len(cont[0].grid))}
         out.append({"protocol": describe_protocol(proto, cont, steps=steps, lam=LAMBDA, **extra, **details),
                     "scenarios": scen})
     return out
@@ -296,7 +305,10 @@ ADAMW_WD = ({"weight_decay": 1e-3}, {"weight_decay": 1e-2}, {"weight_decay": 1e-
 
 
 def jester_paper_contenders(steps: int, quick: bool) -> list[Contender]:
-    """The issue's Jester grids, with the paper's objectives (baselines: data loss + coupled decay lambda)."""
+    """The issue's Jester grids, with the paper's objectives (baselines: data loss + coupled decay lambda).
+
+    The compute-matched rows re-tune their lr for their budget, except under ``quick``.
+    """
     adam_grid = (1e-3, 1e-2) if quick else ADAM_GRID
     flow_grid = (3e-3, 1e-2) if quick else FLOW_GRID
     wd_grid = ADAMW_WD[1:2] if quick else ADAMW_WD
@@ -309,9 +321,10 @@ def jester_paper_contenders(steps: int, quick: bool) -> list[Contender]:
         Contender("FlowAdam", "flowadam", LAMBDA, flow_grid, dict(FLOWADAM_B)),
         Contender("L-BFGS", "lbfgs", LAMBDA, (1.0,), {"line_search_fn": "strong_wolfe", "history_size": 10},
                   max_grad_evals=steps),
-        Contender("Adam (compute-matched)", "adam", 0.0, (), coupled, match="FlowAdam", lr_from="Adam"),
+        Contender("Adam (compute-matched)", "adam", 0.0, (), coupled, match="FlowAdam", lr_from="Adam",
+                  retune=not quick),
         Contender("Lion (compute-matched)", "lion", 0.0, (), {**coupled, "weight_decouple": False}, match="FlowAdam",
-                  lr_from="Lion"),
+                  lr_from="Lion", retune=not quick),
     ]
 
 
@@ -329,12 +342,11 @@ def _real_protocols(name: str, opts: ExperimentOptions, scenarios: list[Scenario
         cont = paper_contenders if proto == "paper" else fair_tuned(LAMBDA, quick=opts.quick, lbfgs_evals=steps,
                                                                     grid=grid)
         scen = compare(scenarios, cont, opts.seed_list, steps=steps, with_val=True, **opts.bars(),
-                       desc=f"{name}/{proto}")
-        tuning = ("the issue's grids (sizes differ per optimizer)" if proto == "paper" else
-                  f"lr grid of {len(cont[0].grid)} points per optimizer")
-        out.append({"protocol": describe_protocol(proto, cont, steps=steps, lam=LAMBDA,
-                                                  tuning=tuning + ", chosen by validation RMSE on the first seed",
-                                                  **details), "scenarios": scen})
+                       desc=f"{name}/{proto}", policy=opts.tuning_policy())
+        tuning = ("the issue's grids (sizes differ per optimizer), chosen by validation RMSE on the first seed; "
+                  + opts.tuning_policy().describe() if proto == "paper" else opts.tuning_text(len(cont[0].grid)))
+        out.append({"protocol": describe_protocol(proto, cont, steps=steps, lam=LAMBDA, tuning=tuning, **details),
+                    "scenarios": scen})
     return out
 
 
@@ -375,7 +387,7 @@ def movielens(opts: ExperimentOptions) -> dict[str, Any]:
         grid = opts.lr_grid or (None if opts.quick else REAL_DATA_FAIR_GRID)
         cont = paper if proto == "paper" else fair_tuned(LAMBDA, quick=opts.quick, extra=False, grid=grid)
         res = compare(scen, cont, opts.seed_list, steps=steps, with_val=True, **opts.bars(),
-                      desc=f"movielens/{proto}")
+                      desc=f"movielens/{proto}", policy=opts.tuning_policy())
         out.append({"protocol": describe_protocol(
             proto, cont, steps=steps, lam=LAMBDA, dataset=name, split="random 70/10/20 drawn from the seed",
             stage_1="mu + b_u + b_i fitted with Adam (lr 0.01, lambda 1e-5), early stopping on validation RMSE "
@@ -383,7 +395,7 @@ def movielens(opts: ExperimentOptions) -> dict[str, Any]:
             stage_2="rank-20 mf (init N(0, 0.1^2)) on the residuals y - (mu + b_u + b_i), full batch",
             metrics="test = final RMSE of mu + b_u + b_i + U V^T clipped to 1..5; residual = RMSE of U V^T "
                     "against the test residuals", tuning="none (lr 0.01)" if proto == "paper" else
-            "lr grid per optimizer, by validation RMSE on the first seed"), "scenarios": res})
+            opts.tuning_text(len(cont[0].grid))), "scenarios": res})
     return _result("movielens", opts, out, ["ML-100K residualised protocol, 3 seeds."])
 
 

@@ -36,7 +36,8 @@ def versions() -> dict[str, str]:
 
 
 QUICK_NOTE = ("A --quick run is a smoke test, not the comparison: one seed and short runs on the smallest "
-              "scenario can reverse the paper's ranking. Run without --quick for the figures that count.")
+              "scenario can reverse the paper's ranking; its lr grids are not extended past their edges and its "
+              "compute-matched rows reuse the baseline's lr. Run without --quick for the figures that count.")
 
 
 def _fmt(x: float | None, digits: int = 4) -> str:
@@ -62,6 +63,37 @@ def _fmt_lr(summary: dict[str, Any]) -> str:
     return text
 
 
+def choice_mark(choice: dict[str, Any] | None) -> str:
+    """The lr column's mark: ``(edge)`` for a choice still at an edge or bound, ``(tie)`` when validation
+    could not separate it from the runner-up ("" when neither)."""
+    if not choice:
+        return ""
+    marks = [m for m, on in (("edge", choice.get("at_edge")), ("tie", choice.get("indistinguishable"))) if on]
+    return f" ({', '.join(marks)})" if marks else ""
+
+
+def flag_lines(label: str, choice: dict[str, Any] | None) -> list[str]:
+    """Why a row carries an ``(edge)`` or ``(tie)`` mark, one sentence each (none when it carries neither)."""
+    if not choice:
+        return []
+    out = []
+    for e in choice.get("edges", []):
+        if e["param"] == "lr":
+            out.append(f"(edge) {label}: lr {choice['lr']:g} is the {'lowest' if e['side'] == 'low' else 'highest'} "
+                       f"lr tried ({choice['tuning_runs']} tuning runs, {choice['extension_runs']} past the grid); "
+                       f"not extended further: {e['reason']}.")
+        else:
+            value = ", ".join(f"{k} {choice['kwargs'].get(k)}" for k in e["param"].split(", "))
+            out.append(f"(edge) {label}: {value} is at the {e['side']} edge of its grid; {e['reason']}.")
+    ru = choice.get("runner_up")
+    if choice.get("indistinguishable") and ru:
+        out.append(f"(tie) {label}: validation cannot separate lr {choice['lr']:g}{_wd(choice['kwargs'])} "
+                   f"({_fmt(choice.get('val'))}) from {ru['lr']:g}{_wd(ru['kwargs'])} ({_fmt(ru.get('val'))}; "
+                   f"relative gap {ru['rel_gap']:.1g} <= {choice.get('tie_rtol', 1e-3):g}): the lr is not a tuned "
+                   "result.")
+    return out
+
+
 def scenario_table(sc: dict[str, Any]) -> list[str]:
     """Markdown table of one scenario's rows."""
     has_paper = any(row.get("paper") for row in sc["rows"].values())
@@ -71,27 +103,59 @@ def scenario_table(sc: dict[str, Any]) -> list[str]:
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for label, row in sc["rows"].items():
         s = row["summary"]
-        cells = [label, _fmt_lr(s), mean_std(s["mean"], s["std"], s.get("n"))]
+        cells = [label, _fmt_lr(s) + choice_mark(row.get("choice")), mean_std(s["mean"], s["std"], s.get("n"))]
         cells += [_fmt(s.get(f"mean_{k}")) for k in extra]
         if has_paper:
             cells.append(row.get("paper") or "")
         div = f" ({s['n_diverged']} diverged)" if s["n_diverged"] else ""
         cells += [s["wilcoxon"] + div, f"{s['grad_evals']:.0f}", f"{s['steps']:.0f}", f"{s['seconds']:.2f}"]
         lines.append("| " + " | ".join(cells) + " |")
-    return lines
+    flags = [f"- {t}" for label, row in sc["rows"].items() for t in flag_lines(label, row.get("choice"))]
+    return lines + ([""] + flags if flags else [])
 
 
 def tuning_lines(sc: dict[str, Any]) -> list[str]:
+    """Every point each tuned row tried on the first seed (by options, then lr), the chosen one in bold."""
     out = []
     for label, row in sc["rows"].items():
         if len(row["tuning"]) > 1:
-            pts = ", ".join(f"{t['lr']:g}{_wd(t['kwargs'])}: {_fmt(t['val'])}" for t in row["tuning"])
-            out.append(f"- {label} validation RMSE by lr (first seed): {pts}")
+            options: list[dict[str, Any]] = []
+            for t in row["tuning"]:
+                if t["kwargs"] not in options:
+                    options.append(t["kwargs"])
+            chosen = row.get("choice") or {}
+            pts = []
+            for t in sorted(row["tuning"], key=lambda t: (options.index(t["kwargs"]), t["lr"])):
+                text = f"{t['lr']:g}{_wd(t['kwargs'])}: {_fmt(t['val'])}" + (" (ext)" if t.get("extension") else "")
+                is_best = t["lr"] == chosen.get("lr") and t["kwargs"] == chosen.get("kwargs")
+                pts.append(f"**{text}**" if is_best else text)
+            n_ext = sum(bool(t.get("extension")) for t in row["tuning"])
+            out.append(f"- {label} validation RMSE by lr (first seed; {len(row['tuning'])} runs, {n_ext} past the "
+                       f"grid): {', '.join(pts)}")
     return out
 
 
 def _wd(kw: dict[str, Any]) -> str:
     return f"/wd {kw['weight_decay']:g}" if kw.get("weight_decay") else ""
+
+
+def protocol_flags(proto: dict[str, Any]) -> list[str]:
+    """The protocol's tuning summary: every choice at an edge or indistinguishable, by scenario (empty: no tuning)."""
+    tuned = [(sc, label, row.get("choice") or {}) for sc in proto["scenarios"] for label, row in sc["rows"].items()]
+    tuned = [t for t in tuned if t[2].get("how") == "tuned"]
+    if not tuned:
+        return []
+    named = []
+    for sc, label, ch in tuned:
+        what = [w for w, on in (("at an edge", ch.get("at_edge")), ("indistinguishable", ch.get("indistinguishable")))
+                if on]
+        if what:
+            named.append(f"{sc['key']}: {label} (lr {ch['lr']:g}{_wd(ch['kwargs'])}, {' and '.join(what)})")
+    if not named:
+        return [f"Tuning: all {len(tuned)} tuned choices are interior to the lrs tried and validation separates "
+                "each from its runner-up.", ""]
+    return [f"Tuning: {len(named)} of {len(tuned)} tuned choices are not settled by the tuning (marked `(edge)` / "
+            "`(tie)` in the lr column, explained under each table): " + "; ".join(named) + ".", ""]
 
 
 def markdown(result: dict[str, Any]) -> str:
@@ -113,6 +177,7 @@ def markdown(result: dict[str, Any]) -> str:
             if k not in ("name", "summary", "contenders"):
                 lines.append(f"- {k.replace('_', ' ')}: {v}")
         lines.append("")
+        lines += protocol_flags(proto)
         for sc in proto["scenarios"]:
             lines += [f"### {sc['label']}", ""] + scenario_table(sc) + [""]
             tl = tuning_lines(sc)

@@ -2,7 +2,9 @@
 
 ``python -m recsys_flowadam.reproduce.summary reports/matrix-completion.json ...`` prints one
 markdown table per experiment and protocol: each scenario's mean ± std per optimizer, the
-paper's figure where there is one, the Wilcoxon p-value against Adam and the gradient evaluations.
+paper's figure where there is one, the Wilcoxon p-value against Adam and the gradient evaluations;
+a tuned lr still at an edge of the lrs tried is marked ``(edge)``, one that validation could not
+separate from its runner-up ``(tie)``, each explained in a line under the table.
 """
 
 from __future__ import annotations
@@ -12,7 +14,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from recsys_flowadam.reproduce.report import mean_std
+from recsys_flowadam.reproduce.report import choice_mark, flag_lines, mean_std
 
 
 def _cell(row: dict[str, Any]) -> str:
@@ -57,10 +59,13 @@ def tables(result: dict[str, Any]) -> str:
                 evals.append(f"{row['summary']['grad_evals']:.0f}")
                 lr = row["summary"].get("lr")
                 wd = (row["summary"].get("kwargs") or {}).get("weight_decay")
-                lrs.append(("" if lr is None else f"{lr:g}") + (f"/wd {wd:g}" if wd else ""))
+                lrs.append(("" if lr is None else f"{lr:g}") + (f"/wd {wd:g}" if wd else "")
+                           + choice_mark(row.get("choice")))
             cells += [_join(evals), _join(lrs)]
             lines.append("| " + " | ".join(cells) + " |")
-        out.append("\n".join(lines))
+        flags = [f"- {sc['key']}: {t}" for sc in scen for label, row in sc["rows"].items()
+                 for t in flag_lines(label, row.get("choice"))]
+        out.append("\n".join(lines + ([""] + flags if flags else [])))
     if result.get("spirals"):
         sp = result["spirals"]
         lines = [f"**two spirals** (seeds {result['seeds']}, {sp['steps']} steps)", "",
