@@ -37,9 +37,20 @@ rule when there is one group).
 Host synchronisation: during warm-up none; afterwards one ``.item()`` per step (the trigger
 decision), skipped when the triggers are disabled (``switch_sensitivity=0`` and
 ``curvature_sensitivity=inf``). ODE steps synchronise more (dopri5's step control, the
-finiteness check); they are dominated by their closure calls anyway.
+finiteness check); they are dominated by their closure calls anyway. The "noise" rule of preset
+"E" reads its decision a step late, on CUDA from pinned memory, so it never waits for the step
+in flight; its one-stage Euler flow does not synchronise at all.
 
 After an ODE step ``p.grad`` holds the gradient of the last stage evaluated, not of theta_T.
+
+Preset "E" (everyday; what ``train`` and ``make_optimizer("flowadam", ...)`` use unless told
+otherwise) replaces steps 1-4: its statistics are (||g||, ||g - m||) with m Adam's first moment
+(no g_prev buffer), its trigger rule (``trigger="noise"``) compares them with their running
+fluctuation so that mini-batch noise alone rarely fires it, its decision applies to the next
+step, and its ODE branch is one Euler stage from the gradient already computed
+(``ode_method="euler"``, ``ode_steps=1``: no extra gradient evaluation). The rule and its
+reasons: :mod:`recsys_flowadam.optim.everyday`. Presets "A" and "B" keep the rule above
+(``trigger="ema"``) and dopri5; "B" is the paper's and this class's default.
 """
 
 from __future__ import annotations
@@ -51,11 +62,22 @@ import torch
 from torch.optim import Optimizer
 from torch.optim.adam import adam as _functional_adam
 
+from recsys_flowadam.optim.everyday import (
+    NoiseAwareStats,
+    TriggerMailbox,
+    departure_parts,
+    euler_flow_step,
+    gradient_departure,
+    variance_beta,
+)
+from recsys_flowadam.optim.injection import INJECTIONS, inject_momentum
 from recsys_flowadam.optim.ode import METHODS, ODEFailure, odeint
 
 __all__ = [
     "FlowAdam",
     "PRESETS",
+    "PRESET_RULES",
+    "TRIGGERS",
     "INJECTIONS",
     "gradient_statistics",
     "update_ema",
@@ -65,8 +87,19 @@ __all__ = [
 
 # mode -> (switch_sensitivity, curvature_sensitivity, ode_t_scale). Early releases of the
 # authors' code had B = (0.5, 2.0, 1.0); the current one (used here) has (0.90, 0.1, 0.5).
-PRESETS: dict[str, tuple[float, float, float]] = {"A": (0.40, 3.0, 2.0), "B": (0.90, 0.1, 0.5)}
-INJECTIONS = ("soft", "hard", "none")
+# "E" is this package's everyday preset (see optim.everyday).
+PRESETS: dict[str, tuple[float, float, float]] = {
+    "A": (0.40, 3.0, 2.0),
+    "B": (0.90, 0.1, 0.5),
+    "E": (0.50, 2.0, 0.5),
+}
+# mode -> (trigger rule, ode_method, warmup_steps): the preset's choice where the argument is None.
+PRESET_RULES: dict[str, tuple[str, str, int]] = {
+    "A": ("ema", "dopri5", 10),
+    "B": ("ema", "dopri5", 10),
+    "E": ("noise", "euler", 20),
+}
+TRIGGERS = ("ema", "noise")
 PLATEAU, STIFF = 1, 2  # bits of the trigger code
 
 _GLOBAL_KEYS = (
@@ -80,6 +113,8 @@ _GLOBAL_KEYS = (
     "injection",
     "warmup_steps",
     "stat_beta",
+    "trigger",
+    "noise_z",
 )
 _COUNTERS = ("steps", "ode_triggers", "plateau_triggers", "stiff_triggers", "ode_evals", "grad_evals", "fallbacks")
 
@@ -126,35 +161,6 @@ def trigger_code(
     return plateau * PLATEAU + stiff * STIFF
 
 
-def inject_momentum(
-    exp_avgs: Sequence[torch.Tensor], velocities: Sequence[torch.Tensor], gamma: float, injection: str
-) -> None:
-    """Blend the ODE velocity into Adam's first moment, in place, per parameter tensor.
-
-    soft: s = min(1, 5 ||m|| / (||v|| + 1e-8)), m <- (1 - gamma) m + gamma s v (the cap keeps a
-    long flow from swamping the momentum); hard: m <- v; none: nothing. ``velocities`` may be
-    overwritten.
-    """
-    exp_avgs, velocities = list(exp_avgs), list(velocities)
-    if injection == "none" or not exp_avgs:
-        return
-    if injection == "hard":
-        torch._foreach_copy_(exp_avgs, velocities)
-        return
-    if injection != "soft":
-        raise ValueError(f"injection must be one of {INJECTIONS}, got {injection!r}")
-    m_norms = torch._foreach_norm(exp_avgs)
-    v_norms = torch._foreach_norm(velocities)
-    torch._foreach_add_(v_norms, 1e-8)
-    scale = torch._foreach_div(m_norms, v_norms)
-    torch._foreach_mul_(scale, 5.0)
-    torch._foreach_clamp_max_(scale, 1.0)
-    torch._foreach_mul_(scale, gamma)
-    torch._foreach_mul_(velocities, scale)
-    torch._foreach_mul_(exp_avgs, 1.0 - gamma)
-    torch._foreach_add_(exp_avgs, velocities)
-
-
 # ------------------------------------------------------------------------------ validation
 
 
@@ -190,6 +196,56 @@ def _fused_ok(params: Iterable[torch.Tensor]) -> bool:
     return all(p.device.type in devices and torch.is_floating_point(p) for p in params)
 
 
+def _resolve_options(
+    *, mode: Any, switch_sensitivity: Any, curvature_sensitivity: Any, ode_t_scale: Any, ode_method: Any,
+    ode_steps: Any, ode_tol: Any, ode_clip: Any, injection: Any, warmup_steps: Any, stat_beta: Any,
+    trigger: Any, noise_z: Any,
+) -> dict[str, Any]:
+    """The global options with the preset's values where None was given, validated."""
+    if not isinstance(mode, str) or mode.upper() not in PRESETS:
+        raise ValueError(f"mode must be one of {tuple(PRESETS)}, got {mode!r}")
+    mode = mode.upper()
+    p_switch, p_curv, p_scale = PRESETS[mode]
+    p_trigger, p_method, p_warmup = PRESET_RULES[mode]
+    switch_sensitivity = p_switch if switch_sensitivity is None else switch_sensitivity
+    curvature_sensitivity = p_curv if curvature_sensitivity is None else curvature_sensitivity
+    ode_t_scale = p_scale if ode_t_scale is None else ode_t_scale
+    ode_method = p_method if ode_method is None else ode_method
+    warmup_steps = p_warmup if warmup_steps is None else warmup_steps
+    trigger = p_trigger if trigger is None else trigger
+    _check_number("switch_sensitivity", switch_sensitivity, allow_inf=True)
+    _check_number("curvature_sensitivity", curvature_sensitivity, allow_inf=True)
+    if ode_method not in METHODS:
+        raise ValueError(f"ode_method must be one of {METHODS}, got {ode_method!r}")
+    if isinstance(ode_steps, bool) or not isinstance(ode_steps, int) or ode_steps < 1:
+        raise ValueError(f"ode_steps must be a positive integer, got {ode_steps!r}")
+    _check_number("ode_tol", ode_tol, low_open=True)
+    _check_number("ode_clip", ode_clip, low_open=True, allow_inf=True)
+    if injection not in INJECTIONS:
+        raise ValueError(f"injection must be one of {INJECTIONS}, got {injection!r}")
+    if isinstance(warmup_steps, bool) or not isinstance(warmup_steps, int) or warmup_steps < 0:
+        raise ValueError(f"warmup_steps must be a non-negative integer, got {warmup_steps!r}")
+    _check_number("stat_beta", stat_beta, high=1.0, high_open=True)
+    if trigger not in TRIGGERS:
+        raise ValueError(f"trigger must be one of {TRIGGERS}, got {trigger!r}")
+    _check_number("noise_z", noise_z)
+    return dict(
+        ode_t_scale=ode_t_scale,
+        mode=mode,
+        switch_sensitivity=float(switch_sensitivity),
+        curvature_sensitivity=float(curvature_sensitivity),
+        ode_method=ode_method,
+        ode_steps=ode_steps,
+        ode_tol=float(ode_tol),
+        ode_clip=float(ode_clip),
+        injection=injection,
+        warmup_steps=warmup_steps,
+        stat_beta=float(stat_beta),
+        trigger=trigger,
+        noise_z=float(noise_z),
+    )
+
+
 # ------------------------------------------------------------------------------- optimizer
 
 
@@ -198,13 +254,17 @@ class FlowAdam(Optimizer):
 
     See the module docstring for the exact rule. ``mode`` picks the preset
     (switch_sensitivity, curvature_sensitivity, ode_t_scale): "A" = (0.40, 3.0, 2.0) for
-    stochastic network training, "B" = (0.90, 0.1, 0.5), the default; an explicit value
-    overrides its preset entry. ``switch_sensitivity=0`` and ``curvature_sensitivity=inf``
+    stochastic network training, "B" = (0.90, 0.1, 0.5), the paper's and this class's default,
+    "E" = (0.50, 2.0, 0.5), the everyday preset at Adam's cost; an explicit value overrides its
+    preset entry. The preset also chooses, where the argument is None, the trigger rule
+    (``trigger``: "ema" for A and B, "noise" for E), ``ode_method`` (dopri5 for A and B, euler
+    for E) and ``warmup_steps`` (10 for A and B, 20 for E). ``noise_z``: the "noise" rule's margin
+    in running standard deviations. ``switch_sensitivity=0`` and ``curvature_sensitivity=inf``
     disable the ODE branch (plain AdamW). ``ode_method``: "dopri5" (adaptive,
     rtol = atol = ``ode_tol``) or fixed-step "euler", "heun", "rk4" with ``ode_steps`` steps.
     ``step(closure)`` requires a closure that zeroes the gradients, computes the loss, sets
     ``.grad`` and returns the loss; it is called again at every ODE stage with the parameters
-    moved in place.
+    moved in place (never with preset E's one-stage Euler flow).
     """
 
     def __init__(
@@ -218,57 +278,37 @@ class FlowAdam(Optimizer):
         switch_sensitivity: float | None = None,
         curvature_sensitivity: float | None = None,
         ode_t_scale: float | None = None,
-        ode_method: str = "dopri5",
+        ode_method: str | None = None,
         ode_steps: int = 1,
         ode_tol: float = 1e-4,
         ode_clip: float = 1.0,
         momentum_blend_gamma: float = 0.5,
         injection: str = "soft",
-        warmup_steps: int = 10,
+        warmup_steps: int | None = None,
         stat_beta: float = 0.9,
+        trigger: str | None = None,
+        noise_z: float = 3.0,
     ) -> None:
-        if not isinstance(mode, str) or mode.upper() not in PRESETS:
-            raise ValueError(f"mode must be one of {tuple(PRESETS)}, got {mode!r}")
-        mode = mode.upper()
-        p_switch, p_curv, p_scale = PRESETS[mode]
-        switch_sensitivity = p_switch if switch_sensitivity is None else switch_sensitivity
-        curvature_sensitivity = p_curv if curvature_sensitivity is None else curvature_sensitivity
-        ode_t_scale = p_scale if ode_t_scale is None else ode_t_scale
         if isinstance(lr, torch.Tensor):
             raise ValueError("lr must be a Python float (FlowAdam needs lr on the host for the ODE horizon)")
-        _check_number("switch_sensitivity", switch_sensitivity, allow_inf=True)
-        _check_number("curvature_sensitivity", curvature_sensitivity, allow_inf=True)
-        if ode_method not in METHODS:
-            raise ValueError(f"ode_method must be one of {METHODS}, got {ode_method!r}")
-        if isinstance(ode_steps, bool) or not isinstance(ode_steps, int) or ode_steps < 1:
-            raise ValueError(f"ode_steps must be a positive integer, got {ode_steps!r}")
-        _check_number("ode_tol", ode_tol, low_open=True)
-        _check_number("ode_clip", ode_clip, low_open=True, allow_inf=True)
-        if injection not in INJECTIONS:
-            raise ValueError(f"injection must be one of {INJECTIONS}, got {injection!r}")
-        if isinstance(warmup_steps, bool) or not isinstance(warmup_steps, int) or warmup_steps < 0:
-            raise ValueError(f"warmup_steps must be a non-negative integer, got {warmup_steps!r}")
-        _check_number("stat_beta", stat_beta, high=1.0, high_open=True)
+        options = _resolve_options(
+            mode=mode, switch_sensitivity=switch_sensitivity, curvature_sensitivity=curvature_sensitivity,
+            ode_t_scale=ode_t_scale, ode_method=ode_method, ode_steps=ode_steps, ode_tol=ode_tol,
+            ode_clip=ode_clip, injection=injection, warmup_steps=warmup_steps, stat_beta=stat_beta,
+            trigger=trigger, noise_z=noise_z,
+        )
         defaults = dict(
             lr=lr,
             betas=tuple(betas) if isinstance(betas, (list, tuple)) else betas,
             eps=eps,
             weight_decay=weight_decay,
-            ode_t_scale=ode_t_scale,
             momentum_blend_gamma=momentum_blend_gamma,
-            mode=mode,
-            switch_sensitivity=float(switch_sensitivity),
-            curvature_sensitivity=float(curvature_sensitivity),
-            ode_method=ode_method,
-            ode_steps=ode_steps,
-            ode_tol=float(ode_tol),
-            ode_clip=float(ode_clip),
-            injection=injection,
-            warmup_steps=warmup_steps,
-            stat_beta=float(stat_beta),
+            **options,
         )
         self._flow: dict[str, Any] = {k: 0 for k in _COUNTERS}
         self._flow.update(n_bar=None, c_bar=None)
+        self._noise = NoiseAwareStats()  # the "noise" rule's statistics
+        self._mailbox = TriggerMailbox()  # its decision for the next step
         super().__init__(params, defaults)
 
     # -- groups and state ---------------------------------------------------------------
@@ -299,17 +339,20 @@ class FlowAdam(Optimizer):
         return {k: int(self._flow[k]) for k in _COUNTERS}
 
     def state_dict(self) -> dict[str, Any]:
-        """torch's state dict plus a "flowadam" entry: the counters and the EMA statistics."""
+        """torch's state dict plus a "flowadam" entry: the counters, the EMA statistics and the
+        "noise" rule's statistics and pending decision."""
         sd = super().state_dict()
         flow: dict[str, Any] = self.diagnostics()
         for key in ("n_bar", "c_bar"):
             value = self._flow[key]
             flow[key] = None if value is None else value.detach().clone()
+        flow["noise"] = {**self._noise.state(), "pending": self._mailbox.peek()}
         sd["flowadam"] = flow
         return sd
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        """Load a state dict made by :meth:`state_dict` (g_prev is per-parameter state)."""
+        """Load a state dict made by :meth:`state_dict` (g_prev is per-parameter state); one
+        without the "noise" entry (older versions) starts those statistics afresh."""
         if "flowadam" not in state_dict:
             raise ValueError("not a FlowAdam state dict: the 'flowadam' entry is missing")
         state_dict = dict(state_dict)
@@ -328,6 +371,11 @@ class FlowAdam(Optimizer):
         for key in ("n_bar", "c_bar"):
             value = flow[key]
             self._flow[key] = None if value is None else torch.as_tensor(value).detach().clone()
+        noise = flow.get("noise") or {"mean": None, "sq": None, "count": 0, "pending": 0}
+        self._noise = NoiseAwareStats()
+        self._noise.load(noise)
+        self._mailbox = TriggerMailbox()
+        self._mailbox.put(int(noise["pending"]))
 
     @staticmethod
     def _step_tensor(p: torch.Tensor, group: dict[str, Any], value: torch.Tensor | float = 0.0) -> torch.Tensor:
@@ -344,7 +392,7 @@ class FlowAdam(Optimizer):
             state["step"] = self._step_tensor(p, group)
             state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
             state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-        if "g_prev" not in state:
+        if "g_prev" not in state and self.defaults["trigger"] == "ema":  # the "noise" rule needs none
             state["g_prev"] = torch.zeros_like(p, memory_format=torch.preserve_format)
         return state
 
@@ -366,18 +414,8 @@ class FlowAdam(Optimizer):
             )
         return g
 
-    @torch.no_grad()
-    def step(self, closure: Closure | None = None) -> Any:  # type: ignore[override]
-        """One FlowAdam step; returns the loss of the first closure evaluation."""
-        if closure is None:
-            raise ValueError(
-                "FlowAdam.step needs a closure (it re-evaluates the loss and gradients at every "
-                "ODE stage): opt.step(closure), where closure zeroes grads, computes the loss, "
-                "sets .grad and returns the loss"
-            )
-        loss = self._call(closure)
-        self._flow["steps"] += 1
-        # Per group: (group, params, grads, states) for the parameters that have a gradient.
+    def _entries(self) -> list:
+        """Per group: (group, params, grads, states) for the parameters that have a gradient."""
         entries = []
         for group in self.param_groups:
             ps, gs, sts = [], [], []
@@ -390,29 +428,39 @@ class FlowAdam(Optimizer):
                 sts.append(self._param_state(p, group))
             if ps:
                 entries.append((group, ps, gs, sts))
+        return entries
+
+    @torch.no_grad()
+    def step(self, closure: Closure | None = None) -> Any:  # type: ignore[override]
+        """One FlowAdam step; returns the loss of the first closure evaluation."""
+        if closure is None:
+            raise ValueError(
+                "FlowAdam.step needs a closure (it re-evaluates the loss and gradients at every "
+                "ODE stage): opt.step(closure), where closure zeroes grads, computes the loss, "
+                "sets .grad and returns the loss"
+            )
+        loss = self._call(closure)
+        self._flow["steps"] += 1
+        entries = self._entries()
         if not entries:
             return loss
-        opts = self.param_groups[0]
-        first = entries[0][1][0]
-        stat_device = first.device
-        stat_dtype = first.dtype if first.dtype in (torch.float32, torch.float64) else torch.float32
         all_grads = [g for e in entries for g in e[2]]
-        g_prevs = [st["g_prev"] for e in entries for st in e[3]]
-        n, c = gradient_statistics(all_grads, g_prevs, stat_device, stat_dtype)
-        beta_s = opts["stat_beta"]
-        self._flow["n_bar"] = update_ema(self._as_stat(self._flow["n_bar"], n), n, beta_s)
-        self._flow["c_bar"] = update_ema(self._as_stat(self._flow["c_bar"], c), c, beta_s)
-
-        switch, curvature = opts["switch_sensitivity"], opts["curvature_sensitivity"]
-        can_trigger = switch > 0.0 or not math.isinf(curvature)
-        code = 0
-        if self._flow["steps"] > opts["warmup_steps"] and can_trigger:
-            code = int(trigger_code(n, c, self._flow["n_bar"], self._flow["c_bar"], switch, curvature).item())
+        if self.defaults["trigger"] == "noise":
+            exp_avgs = [st["exp_avg"] for e in entries for st in e[3]]
+            code = self._noise_decision(gradient_departure(departure_parts(all_grads, exp_avgs)))
+            # This step's g for the solve's first stage and a fallback: the gradients themselves for
+            # the one-stage Euler flow (no closure call), a copy before a solve re-evaluates them.
+            g_prevs = [g.clone() for g in all_grads] if code and not self._solver_free() else all_grads
+        else:
+            first = entries[0][1][0]
+            stat_dtype = first.dtype if first.dtype in (torch.float32, torch.float64) else torch.float32
+            g_prevs = [st["g_prev"] for e in entries for st in e[3]]
+            code = self._ema_decision(*gradient_statistics(all_grads, g_prevs, first.device, stat_dtype))
         if code:
             self._flow["ode_triggers"] += 1
             self._flow["plateau_triggers"] += bool(code & PLATEAU)
             self._flow["stiff_triggers"] += bool(code & STIFF)
-            if self._ode_step(closure, entries, g0=g_prevs):
+            if self._flow_branch(closure, entries, g_prevs):
                 return loss
             self._flow["fallbacks"] += 1
             # p.grad now holds a failed stage's gradient; g_prev holds this step's g.
@@ -425,6 +473,47 @@ class FlowAdam(Optimizer):
         for group, ps, gs, sts in entries:
             self._adam(group, ps, gs, sts)
         return loss
+
+    def _ema_decision(self, n: torch.Tensor, c: torch.Tensor) -> int:
+        """Presets A/B: the EMAs take (n, c), then this step's trigger code (one ``.item()``)."""
+        opts = self.param_groups[0]
+        beta_s = opts["stat_beta"]
+        self._flow["n_bar"] = update_ema(self._as_stat(self._flow["n_bar"], n), n, beta_s)
+        self._flow["c_bar"] = update_ema(self._as_stat(self._flow["c_bar"], c), c, beta_s)
+        switch, curvature = opts["switch_sensitivity"], opts["curvature_sensitivity"]
+        can_trigger = switch > 0.0 or not math.isinf(curvature)
+        if self._flow["steps"] > opts["warmup_steps"] and can_trigger:
+            return int(trigger_code(n, c, self._flow["n_bar"], self._flow["c_bar"], switch, curvature).item())
+        return 0
+
+    def _noise_decision(self, x: Any) -> int:
+        """The "noise" rule: the code posted at the previous step decides this one; x = (n, c)
+        then yields the code for the next step (see ``optim.everyday``)."""
+        opts = self.defaults
+        steps = self._flow["steps"]
+        code = self._mailbox.take() if steps > opts["warmup_steps"] else 0
+        switch, curvature = opts["switch_sensitivity"], opts["curvature_sensitivity"]
+        beta, beta_var = opts["stat_beta"], variance_beta(opts["stat_beta"])
+        if steps >= opts["warmup_steps"] and (switch > 0.0 or not math.isinf(curvature)):
+            self._mailbox.post(self._noise.code(x, switch, curvature, opts["noise_z"], beta_var))
+        self._noise.update(x, beta, beta_var)
+        return code
+
+    def _solver_free(self) -> bool:
+        """The "noise" rule with one Euler step: the ODE branch needs no solver and no closure call."""
+        opts = self.defaults
+        return opts["trigger"] == "noise" and opts["ode_method"] == "euler" and opts["ode_steps"] == 1
+
+    def _flow_branch(self, closure: Closure, entries: list, g0: list[torch.Tensor]) -> bool:
+        """The ODE branch: a solve (re-evaluating the closure), or preset E's solver-free Euler stage."""
+        opts = self.defaults
+        if not self._solver_free():
+            return self._ode_step(closure, entries, g0=g0)
+        for group, ps, gs, sts in entries:
+            euler_flow_step(ps, gs, [st["exp_avg"] for st in sts], lr=group["lr"], t_scale=group["ode_t_scale"],
+                            clip=opts["ode_clip"], gamma=group["momentum_blend_gamma"],
+                            injection=opts["injection"], weight_decay=group["weight_decay"])
+        return True
 
     @staticmethod
     def _as_stat(avg: torch.Tensor | None, like: torch.Tensor) -> torch.Tensor | None:

@@ -2,6 +2,8 @@
 
 Baselines are the maintained implementations, not rewritten here: Adam, AdamW, SGD (momentum
 0.9 unless given) and L-BFGS from torch; Lion and AdaBelief from ``pytorch_optimizer``.
+"flowadam" is FlowAdam with the everyday preset "E" unless ``mode`` is given (at Adam's cost:
+one gradient evaluation per step); ``mode="B"`` is the paper's preset with dopri5.
 """
 
 from __future__ import annotations
@@ -59,7 +61,11 @@ class OptimizerEntry:
 
 OPTIMIZERS: Mapping[str, OptimizerEntry] = MappingProxyType(
     {
-        "flowadam": OptimizerEntry(_flowadam, {}, "FlowAdam (this package), preset B by default"),
+        # train, the Python API and make_optimizer get the everyday preset E unless given a mode;
+        # the FlowAdam class itself keeps the paper's preset B as its default (reproduce pins B).
+        "flowadam": OptimizerEntry(
+            _flowadam, {"mode": "E"}, "FlowAdam (this package), everyday preset E by default; mode='B': the paper's"
+        ),
         "adam": OptimizerEntry(lambda: torch.optim.Adam, {}, "torch.optim.Adam"),
         "adamw": OptimizerEntry(lambda: torch.optim.AdamW, {}, "torch.optim.AdamW"),
         "sgd": OptimizerEntry(lambda: torch.optim.SGD, {"momentum": 0.9}, "torch.optim.SGD, momentum 0.9"),

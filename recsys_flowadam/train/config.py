@@ -46,9 +46,10 @@ def _device_name(value: str) -> str:
 
 
 def _preset_name(value: str) -> str:
-    """A FlowAdam preset, in either case (FlowAdam upper-cases it)."""
-    if value.upper() not in ("A", "B"):
-        raise ValueError("must be A or B")
+    """A FlowAdam preset, in either case (FlowAdam upper-cases it; its PRESETS, not imported here:
+    this module stays free of torch)."""
+    if value.upper() not in ("A", "B", "E"):
+        raise ValueError("must be A, B or E")
     return value
 
 
@@ -151,8 +152,11 @@ class FlowAdamOptions:
     ``serialization_alias`` where it differs from the name)."""
 
     preset: Annotated[str, AfterValidator(_preset_name)] | None = Field(
-        None, serialization_alias="mode",
-        description="FlowAdam preset (its mode): A or B; sets the two sensitivities and ode_t_scale")
+        "E", serialization_alias="mode",
+        description="FlowAdam preset (its mode): E, everyday, at Adam's cost (one gradient evaluation a step, "
+                    "noise-aware trigger); B, the paper's, with dopri5 (about 4.5 gradient evaluations a step): "
+                    "--preset B; A, the paper's for networks. Sets the sensitivities, ode_t_scale, the trigger "
+                    "rule, ode_method and warmup_steps")
     ode_method: Literal["dopri5", "euler", "heun", "rk4"] | None = Field(
         None, description="ODE solver: dopri5 (adaptive) or fixed-step")
     ode_steps: int | None = Field(None, ge=1, description="steps of a fixed-step ODE solver")
