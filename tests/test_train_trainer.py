@@ -154,6 +154,138 @@ def test_non_finite_loss_names_the_step(data, tmp_path):
         assert state["loop"]["step"] < info.value.step
 
 
+def test_non_finite_loss_read_later_still_names_its_step(data):
+    """Losses are read from the device at records and checkpoints only: a NaN found at the
+    read after step 200 names the step it happened at, the same step a per-step read finds."""
+    train, val, _ = data
+    cfg = dict(model="mf", rank=3, optimizer="sgd", lr=1e4, steps=200, patience=0)
+    with pytest.raises(NonFiniteLossError) as every_step:
+        train_model(train, val, TrainConfig(**cfg, eval_every=1))
+    with pytest.raises(NonFiniteLossError) as at_the_end:
+        train_model(train, val, TrainConfig(**cfg, eval_every=1000))
+    step = every_step.value.step
+    assert 2 <= step < 200 and at_the_end.value.step == step
+    assert f"at step {step} (found when the losses up to step 200 were read)" in str(at_the_end.value)
+    assert "found when" not in str(every_step.value)  # read at its own step: nothing to add
+
+
+def test_pending_losses_are_read_in_order_once():
+    from recsys_flowadam.train.trainer import PendingLosses
+
+    pending = PendingLosses(first_step=8, capacity=3)
+    assert pending.read() == (8, [])
+    values = [torch.tensor(0.1, dtype=torch.float32), torch.tensor(2.5, dtype=torch.float32)]
+    assert [pending.add(v) for v in values] == [False, False]
+    first, got = pending.read()
+    assert first == 8 and got == [float(v) for v in values]  # float32 -> float64 exactly
+    assert pending.add(1.0) is False and pending.add(float("nan")) is False and pending.add(3.0) is True
+    first, got = pending.read()
+    assert first == 10 and got[0] == 1.0 and math.isnan(got[1]) and got[2] == 3.0
+
+
+@pytest.mark.parametrize("batch", [None, 100])
+def test_steps_do_not_read_the_device(data, monkeypatch, batch):
+    """No host synchronisation per step: the tensor reads of a run (evaluations, the final
+    record) do not grow with its number of steps."""
+    train, val, _ = data
+    reads = {"n": 0}
+    for name in ("item", "tolist", "__float__", "__bool__", "__int__"):
+        original = getattr(torch.Tensor, name)
+
+        def counted(self, *args, _original=original, **kwargs):
+            reads["n"] += 1
+            return _original(self, *args, **kwargs)
+
+        monkeypatch.setattr(torch.Tensor, name, counted)
+
+    def reads_of(steps):
+        reads["n"] = 0
+        train_model(train, val, TrainConfig(model="biased-mf", rank=3, optimizer="sgd", lr=0.01, steps=steps,
+                                            batch_size=batch, eval_every=1000, patience=0))
+        return reads["n"]
+
+    assert reads_of(10) == reads_of(40)
+
+
+def test_auto_choice_takes_minibatches_for_large_data(data, monkeypatch):
+    from recsys_flowadam.models import PathChoice, path_choice
+
+    train, val, _ = data
+    cfg = TrainConfig(model="biased-mf", rank=3, reg=1e-4, lr=0.02, optimizer="adam", epochs=20, eval_every=20,
+                      patience=0)
+    small = train_model(train, val, cfg)
+    assert small.representation == "dense" and small.path_choice["batch_size"] is None
+    assert "dense grid" in small.path_choice["reason"]
+    # the same data counted as "large": mini-batches of about 1% of it
+    monkeypatch.setattr(path_choice, "MINIBATCH_MIN_RATINGS", len(train))
+    monkeypatch.setattr(path_choice, "MIN_AUTO_BATCH", 10)
+    big = train_model(train, val, cfg)
+    n_batches = math.ceil(len(train) / big.path_choice["batch_size"])
+    assert big.representation == "minibatch" and big.path_choice["batch_size"] == round(len(train) / 100)
+    assert "mini-batches of" in big.path_choice["reason"] and big.steps == 20 * n_batches
+    assert big.path_choice["lr_half_life_steps"] == path_choice.LR_HALF_LIFE_STEPS
+    assert big.best_val_rmse < 0.7 * _baseline_rmse(train, val)
+    # explicit settings override the choice, and say so
+    given = train_model(train, val, replace_cfg(cfg, batch_size=500))
+    assert PathChoice(**given.path_choice) == PathChoice("minibatch", 500, "--batch-size given")
+    given = train_model(train, val, replace_cfg(cfg, representation="sparse"))
+    assert PathChoice(**given.path_choice) == PathChoice("sparse", None, "--representation given")
+
+
+def test_lr_decay_halves_smoothly_and_resumes_exactly(data, tmp_path, monkeypatch):
+    from recsys_flowadam.models import path_choice
+    from recsys_flowadam.train.trainer import LrDecay
+
+    opt = torch.optim.Adam([torch.zeros(2, requires_grad=True)], lr=0.08)
+    decay = LrDecay(opt, half_life=10)
+    rates = []
+    for done in (0, 5, 10, 30):
+        decay.apply(done)
+        rates.append(opt.param_groups[0]["lr"])
+    assert rates == pytest.approx([0.08, 0.08 / math.sqrt(2), 0.04, 0.01])
+    # the automatic mini-batch path decays the rate; a run resumed mid-way ends exactly alike
+    train, val, _ = data
+    monkeypatch.setattr(path_choice, "MINIBATCH_MIN_RATINGS", 1)
+    monkeypatch.setattr(path_choice, "MIN_AUTO_BATCH", 10)
+    cfg = TrainConfig(model="biased-mf", rank=3, reg=1e-4, lr=0.02, optimizer="adam", steps=60, eval_every=7,
+                      patience=0, checkpoint_every=25)
+    full = train_model(train, val, cfg)
+    assert full.path_choice["lr_half_life_steps"] == path_choice.LR_HALF_LIFE_STEPS
+
+    class Stop(Exception):
+        pass
+
+    def stop_at_37(step):
+        if step == 37:
+            raise Stop
+
+    ckpt = tmp_path / "c.safetensors"
+    with pytest.raises(Stop):
+        train_model(train, val, cfg, checkpoint_path=ckpt, on_step=stop_at_37)
+    resumed = train_model(train, val, cfg, checkpoint_path=ckpt, resume=True)
+    assert resumed.resumed_from == 25
+    for name in full.params:
+        assert torch.equal(resumed.params[name], full.params[name]), name
+
+
+def test_refit_keeps_the_first_runs_path(data, monkeypatch):
+    """train + val may cross the mini-batch threshold: the refit still takes the first run's path."""
+    from recsys_flowadam.models import path_choice
+    from recsys_flowadam.train.pipeline import fit_and_score
+
+    train, val, _ = data
+    monkeypatch.setattr(path_choice, "MINIBATCH_MIN_RATINGS", len(train) + 1)
+    cfg = TrainConfig(model="biased-mf", rank=3, reg=1e-4, lr=0.02, optimizer="adam", steps=30, eval_every=10,
+                      patience=0, refit=True)
+    fit = fit_and_score(train, val, cfg)
+    assert fit.metrics["n_train_refit"] == len(train) + len(val)
+    assert fit.result.representation == "dense" and fit.result.path_choice["representation"] == "dense"
+
+
+def replace_cfg(cfg: TrainConfig, **changes) -> TrainConfig:
+    return TrainConfig(**{**cfg.to_dict(), **changes})
+
+
 @pytest.mark.parametrize("optimizer,batch", [("flowadam", None), ("adam", 300)])
 def test_resume_from_checkpoint_equals_uninterrupted_run(data, tmp_path, optimizer, batch):
     train, val, _ = data
@@ -411,3 +543,28 @@ def test_step_limit_takes_whichever_ends_first():
     assert step_limit(TrainConfig(steps=50), 7) == 50
     assert step_limit(TrainConfig(epochs=3), 7) == 21
     assert step_limit(TrainConfig(steps=10, epochs=3), 7) == 10
+    # the automatic mini-batch path's horizon applies only when neither is given
+    assert step_limit(TrainConfig(), 7, default_steps=40) == 40
+    assert step_limit(TrainConfig(steps=50), 7, default_steps=40) == 50
+    assert step_limit(TrainConfig(epochs=3), 7, default_steps=40) == 21
+
+
+def test_train_command_reports_the_path_it_chose(tmp_path, capsys):
+    """`train` prints its choice and why, and records it in --json and the artifact."""
+    import json
+
+    from recsys_flowadam.artifact import load_artifact
+    from recsys_flowadam.cli import main
+
+    argv = ["train", "--dataset", "synthetic", "--data-option", "n_users=60", "--data-option", "n_items=40",
+            "--data-option", "rank=2", "--data-option", "density=0.3", "--rank", "2", "--optimizer", "adam",
+            "--steps", "5", "--device", "cpu", "--threads", "1"]
+    assert main([*argv, "--out", str(tmp_path / "a"), "--json"]) == 0
+    summary = json.loads(capsys.readouterr().out)
+    choice = summary["path_choice"]
+    assert choice["representation"] == summary["representation"] == "dense" and choice["batch_size"] is None
+    assert "training ratings" in choice["reason"]
+    assert load_artifact(tmp_path / "a").meta.train_config["path_choice"] == choice
+    assert main([*argv, "--out", str(tmp_path / "b"), "--batch-size", "64"]) == 0
+    text = capsys.readouterr().out
+    assert "  path: minibatch, batches of 64 (--batch-size given)" in text.splitlines()

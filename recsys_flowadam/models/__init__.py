@@ -1,8 +1,10 @@
 """Factorization models (mf, biased-mf, cp), their loss/gradient paths and their prediction rule.
 
 Every path returns ``(loss, grads)`` for the same objective (see ``factorization``):
-``DensePath`` (dense masked grid, two matmuls), ``SparsePath`` (CSR SDDMM + SpMM) and
-``AutogradPath`` (gathered embeddings + autograd: mini-batches, and the test reference).
+``DensePath`` (dense masked grid, two matmuls), ``SparsePath`` (CSR SDDMM + SpMM),
+``MiniBatchPath`` (gathers and scatter-adds written out: mini-batches) and ``AutogradPath``
+(gathered embeddings + autograd: the test reference). ``representation`` decides which one a
+run uses (``choose_path``).
 ``prediction`` holds the rating rule (cold start, clipping) on numpy or torch.
 
 The torch-based names are imported on first use, so the numpy-only service can import
@@ -29,6 +31,7 @@ if TYPE_CHECKING:
     from recsys_flowadam.models.autograd_path import AutogradPath, batch_loss
     from recsys_flowadam.models.coords import Coords, coords_from_ratings
     from recsys_flowadam.models.dense import DensePath, DuplicateRatingsError, has_duplicates
+    from recsys_flowadam.models.minibatch import MiniBatchPath
     from recsys_flowadam.models.factorization import (
         LOSSES,
         MODEL_TYPES,
@@ -37,6 +40,7 @@ if TYPE_CHECKING:
         init_params,
         predict,
     )
+    from recsys_flowadam.models.path_choice import PathChoice, auto_batch_size, choose_path
     from recsys_flowadam.models.representation import REPRESENTATIONS, choose_representation, estimate_bytes
     from recsys_flowadam.models.sparse import SparsePath
 
@@ -47,15 +51,18 @@ _LAZY = {
     "DensePath": "dense", "DuplicateRatingsError": "dense", "has_duplicates": "dense",
     "LOSSES": "factorization", "MODEL_TYPES": "factorization", "ModelSpec": "factorization",
     "Objective": "factorization", "init_params": "factorization", "predict": "factorization",
+    "MiniBatchPath": "minibatch",
     "REPRESENTATIONS": "representation", "choose_representation": "representation",
     "estimate_bytes": "representation",
+    "PathChoice": "path_choice", "choose_path": "path_choice", "auto_batch_size": "path_choice",
     "SparsePath": "sparse",
 }
 
 __all__ = [
     "AutogradPath", "batch_loss", "Coords", "coords_from_ratings", "DensePath", "DuplicateRatingsError",
     "has_duplicates", "LOSSES", "MODEL_TYPES", "ModelSpec", "Objective", "init_params", "predict",
-    "REPRESENTATIONS", "choose_representation", "estimate_bytes", "SparsePath", "make_path",
+    "MiniBatchPath", "REPRESENTATIONS", "choose_representation", "estimate_bytes", "PathChoice", "choose_path",
+    "auto_batch_size", "SparsePath", "make_path",
     "RatingRule", "clip_ratings", "fold_rows", "known", "rule_from_artifact", "seen_from_csr",
     "seen_in_training", "seen_mask",
 ]
@@ -71,9 +78,10 @@ def __getattr__(name: str) -> Any:
 
 
 def make_path(representation: str, spec: ModelSpec, coords: Coords, objective: Objective):
-    """The full-batch path object for ``dense`` / ``sparse`` (``minibatch`` uses AutogradPath)."""
-    from recsys_flowadam.models.autograd_path import AutogradPath
+    """The gradient path for a representation: ``DensePath`` / ``SparsePath`` (full batch) or
+    ``MiniBatchPath`` (``minibatch``; also computes a full batch when given no batch)."""
     from recsys_flowadam.models.dense import DensePath
+    from recsys_flowadam.models.minibatch import MiniBatchPath
     from recsys_flowadam.models.representation import REPRESENTATIONS
     from recsys_flowadam.models.sparse import SparsePath
 
@@ -82,5 +90,5 @@ def make_path(representation: str, spec: ModelSpec, coords: Coords, objective: O
     if representation == "sparse":
         return SparsePath(spec, coords, objective)
     if representation == "minibatch":
-        return AutogradPath(coords, objective)
+        return MiniBatchPath(coords, objective)
     raise ValueError(f"unknown representation {representation!r}; choose one of {', '.join(REPRESENTATIONS)}")

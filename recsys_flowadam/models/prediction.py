@@ -49,6 +49,14 @@ def array_namespace(x: Array) -> ModuleType:
     return np
 
 
+def take_rows(x: Array, indices: Array) -> Array:
+    """``x[indices]`` along the first axis; on torch by ``index_select`` (the same rows, about 4x
+    faster on the CPU than advanced indexing, which dominated evaluating 1M ratings)."""
+    if array_namespace(x) is np:
+        return x[indices]
+    return x.index_select(0, indices)
+
+
 def seen_mask(indices: Array, n: int) -> Array:
     """Bool mask of length ``n``: which of ``0..n-1`` occur in ``indices`` (non-negative ints)."""
     return array_namespace(indices).bincount(indices, minlength=n) > 0
@@ -66,7 +74,7 @@ def seen_from_csr(indptr: np.ndarray, items: np.ndarray, n_items: int) -> tuple[
 
 def known(indices: Array, seen: Array) -> Array:
     """Bool per index: listed (``>= 0``) and with training ratings, i.e. not cold."""
-    return (indices >= 0) & seen[indices.clip(min=0)]
+    return (indices >= 0) & take_rows(seen, indices.clip(min=0))
 
 
 def known_bias(bias: Array, seen: Array) -> Array:
@@ -101,14 +109,14 @@ class RatingRule:
         xp = array_namespace(p["user_factors"])
         su, si = self.known(users, items)
         u, i = users.clip(min=0), items.clip(min=0)  # cold rows are gathered but not used
-        prod = p["user_factors"][u] * p["item_factors"][i]
+        prod = take_rows(p["user_factors"], u) * take_rows(p["item_factors"], i)
         if "context_factors" in p:
-            w = p["context_factors"][contexts] if contexts is not None else p["context_factors"].mean(0)
+            w = take_rows(p["context_factors"], contexts) if contexts is not None else p["context_factors"].mean(0)
             prod = prod * w
         pred = prod.sum(1) + self.offset
         cold = ~(su & si)
         if "user_bias" in p:
-            bu, bi = p["user_bias"][u], p["item_bias"][i]
+            bu, bi = take_rows(p["user_bias"], u), take_rows(p["item_bias"], i)
             pred = pred + bu + bi
             fallback = self.global_mean + known_bias(bu, su) + known_bias(bi, si)
         else:

@@ -1,4 +1,7 @@
-"""Choosing how the training ratings are held: dense grid, CSR, or mini-batches.
+"""Choosing how the training ratings are held: dense grid, CSR, or mini-batches (by memory).
+
+``path_choice.choose_path`` (what ``train`` does with no flags) takes mini-batches for large data
+first, and this rule otherwise.
 
 Rule (``--representation auto``): among the full-batch paths whose estimated memory fits the
 budget, the dense masked path (no cell may be rated twice) unless the grid is sparse: on the
@@ -20,6 +23,7 @@ else a quarter of the machine's physical memory, capped at 8 GiB.
 from __future__ import annotations
 
 import os
+from typing import Callable
 
 import torch
 
@@ -63,11 +67,13 @@ def choose_representation(
     *,
     budget_bytes: int | None = None,
     element_size: int = 4,
-    duplicates: bool = False,
+    duplicates: bool | Callable[[], bool] = False,
 ) -> str:
-    """The representation ``auto`` resolves to (rule in the module docstring)."""
+    """The representation ``auto`` resolves to (rule in the module docstring). ``duplicates``:
+    whether a cell is rated twice, or a function telling it (called only when the grid fits)."""
     budget = default_budget(device) if budget_bytes is None else budget_bytes
-    dense_fits = not duplicates and estimate_bytes("dense", spec, n_ratings, element_size) <= budget
+    dense_fits = estimate_bytes("dense", spec, n_ratings, element_size) <= budget
+    dense_fits = dense_fits and not (duplicates() if callable(duplicates) else duplicates)
     sparse_fits = estimate_bytes("sparse", spec, n_ratings, element_size) <= budget
     cells = spec.n_users * spec.n_items * max(spec.n_contexts, 1)
     dense_is_faster = device.type == "cuda" or n_ratings >= DENSE_MIN_DENSITY * cells

@@ -145,8 +145,8 @@ def place_training_data(coords: Coords, objective: Objective, dctx: DistContext 
 class GradientClosure:
     """The optimizer's closure: loss and gradients of ``batch`` on ``path``, reduced by ``data``.
 
-    ``path``: the dense or sparse path (full batch: ``loss_and_grad(params)``) or the autograd
-    path (mini-batches: ``loss_and_grad(params, coords)``); the loop sets ``batch`` each step.
+    ``path``: the dense or sparse path (full batch: ``loss_and_grad(params)``) or the
+    mini-batch path (``loss_and_grad(params, coords)``); the loop sets ``batch`` each step.
     """
 
     def __init__(self, path: Any, params: dict[str, torch.Tensor], data: DataPlacement) -> None:
@@ -188,31 +188,37 @@ class FullBatch:
         return float(state.step)
 
 
+def _permutation(n: int, gen: torch.Generator) -> torch.Tensor:
+    """``randperm(n)`` on the CPU generator, as int32 when ``n`` allows: the same permutation
+    and generator state as int64 (torch draws the same numbers), about 1.5-2x faster at 10M
+    ratings (half the memory the shuffle walks through)."""
+    return torch.randperm(n, generator=gen, dtype=torch.int32 if n < 2**31 else torch.int64)
+
+
 class _MiniBatches(ABC):
-    """Consecutive slices of a fresh permutation each epoch; subclasses draw and take."""
+    """Consecutive slices of a fresh permutation each epoch: everything a batch needs is
+    prepared once per epoch (:meth:`_new_epoch`), so taking a batch is slicing only (no host
+    work that grows with the batch, no host synchronisation)."""
 
     def __init__(self, coords: Coords, n: int, batch_size: int, gen: torch.Generator, device: torch.device) -> None:
         self.coords, self.batch_size, self.gen, self.device = coords, batch_size, gen, device
         self.n_batches = math.ceil(n / batch_size)
         self.shuffle_state = gen.get_state()
-        self._perm: torch.Tensor | None = None
 
     @abstractmethod
-    def _draw(self) -> torch.Tensor:
-        """This epoch's order (one ``randperm`` call on the shuffle generator)."""
+    def _new_epoch(self) -> None:
+        """Draw this epoch's order (one ``randperm`` call on the shuffle generator) and prepare it."""
 
     @abstractmethod
-    def _take(self, positions: torch.Tensor) -> Batch:
-        """The batch at ``positions`` of the order."""
+    def _take(self, index: int) -> Batch:
+        """Batch number ``index`` of this epoch."""
 
     def next(self, state: LoopState) -> Batch:
         """The batch at ``state.batch_pos`` (a new order when an epoch starts); advances the position."""
         if state.batch_pos == 0:
             self.shuffle_state = self.gen.get_state()
-            self._perm = self._draw()
-        assert self._perm is not None
-        lo = state.batch_pos * self.batch_size
-        batch = self._take(self._perm[lo:lo + self.batch_size])
+            self._new_epoch()
+        batch = self._take(state.batch_pos)
         state.batch_pos += 1
         if state.batch_pos == self.n_batches:
             state.batch_pos = 0
@@ -224,7 +230,7 @@ class _MiniBatches(ABC):
         self.shuffle_state = shuffle_state
         self.gen.set_state(shuffle_state)
         if state.batch_pos > 0:
-            self._perm = self._draw()
+            self._new_epoch()
 
     def epoch_label(self, state: LoopState) -> float:
         return round(state.epoch + state.batch_pos / self.n_batches, 4)
@@ -234,35 +240,56 @@ class _MiniBatches(ABC):
 
 
 class LocalMiniBatches(_MiniBatches):
-    """Mini-batches of all the ratings: a permutation of them, on the device."""
+    """Mini-batches of all the ratings: a permutation of them, moved to the device once an epoch."""
 
     def __init__(self, coords: Coords, batch_size: int, gen: torch.Generator, device: torch.device) -> None:
         super().__init__(coords, len(coords), batch_size, gen, device)
+        self._perm: torch.Tensor | None = None
 
-    def _draw(self) -> torch.Tensor:
-        return torch.randperm(len(self.coords), generator=self.gen).to(self.device)
+    def _new_epoch(self) -> None:
+        self._perm = _permutation(len(self.coords), self.gen).to(self.device)
 
-    def _take(self, positions: torch.Tensor) -> Batch:
-        return Batch(self.coords.select(positions), 1.0)
+    def _take(self, index: int) -> Batch:
+        assert self._perm is not None
+        lo = index * self.batch_size
+        return Batch(self.coords.select(self._perm[lo:lo + self.batch_size]), 1.0)
 
 
 class ShardMiniBatches(_MiniBatches):
     """This rank's share of global batches: positions of a permutation of ``range(largest
-    shard)``, drawn alike on every rank (same generator state), that fall inside this shard."""
+    shard)``, drawn alike on every rank (same generator state), that fall inside this shard.
+
+    Once an epoch, on the host: this shard's positions in permutation order (moved to the
+    device in one copy), where each batch's run of them starts, and each batch's global count
+    (for its share); a batch is then a slice."""
 
     def __init__(self, coords: Coords, shard_sizes: list[int], batch_size: int, gen: torch.Generator,
                  device: torch.device) -> None:
         super().__init__(coords, max(shard_sizes), batch_size, gen, device)
         self.longest = max(shard_sizes)
-        self._sizes_col = torch.tensor(shard_sizes)[:, None]
+        self._sizes = torch.tensor(shard_sizes)
+        self._mine: torch.Tensor | None = None
+        self._starts: list[int] = []
+        self._shares: list[float] = []
 
-    def _draw(self) -> torch.Tensor:
-        return torch.randperm(self.longest, generator=self.gen)
+    def _new_epoch(self) -> None:
+        perm = _permutation(self.longest, self.gen).long()
+        ends = torch.arange(1, self.n_batches + 1) * self.batch_size
+        ends[-1] = self.longest
+        keep = perm < len(self.coords)
+        self._mine = perm[keep].to(self.device)
+        # ratings of every rank (resp. this one) up to the end of each batch, by cumulative counts
+        everyone = torch.cumsum((perm[:, None] < self._sizes[None, :]).sum(dim=1), dim=0)[ends - 1]
+        mine = torch.cumsum(keep.long(), dim=0)[ends - 1]
+        self._starts = [0] + mine.tolist()
+        counts_all = torch.diff(everyone, prepend=everyone.new_zeros(1)).tolist()
+        counts_mine = torch.diff(mine, prepend=mine.new_zeros(1)).tolist()
+        self._shares = [m / a for m, a in zip(counts_mine, counts_all)]
 
-    def _take(self, positions: torch.Tensor) -> Batch:
-        mine = positions[positions < len(self.coords)]
-        n_global = int((positions[None, :] < self._sizes_col).sum())
-        return Batch(self.coords.select(mine.to(self.device)), len(mine) / n_global)
+    def _take(self, index: int) -> Batch:
+        assert self._mine is not None
+        positions = self._mine[self._starts[index]:self._starts[index + 1]]
+        return Batch(self.coords.select(positions), self._shares[index])
 
 
 def make_batch_source(data: DataPlacement, minibatch: bool, batch_size: int | None, seed: int,
@@ -274,9 +301,10 @@ def make_batch_source(data: DataPlacement, minibatch: bool, batch_size: int | No
     return data.mini_batches(batch_size or data.n_global, gen, device)
 
 
-def step_limit(config: TrainConfig, n_batches: int) -> int:
-    """Steps allowed by ``steps`` and ``epochs`` (whichever ends first; neither: the default)."""
+def step_limit(config: TrainConfig, n_batches: int, default_steps: int | None = None) -> int:
+    """Steps allowed by ``steps`` and ``epochs`` (whichever ends first); neither: ``default_steps``
+    when given (the automatic mini-batch path's horizon), else the default step count."""
     if config.steps is None and config.epochs is None:
-        return TrainConfig.DEFAULT_STEPS
+        return TrainConfig.DEFAULT_STEPS if default_steps is None else default_steps
     return int(min(config.steps if config.steps is not None else math.inf,
                    config.epochs * n_batches if config.epochs is not None else math.inf))

@@ -28,7 +28,7 @@ class Predictor(RatingRule):
         contexts: torch.Tensor | None = None,
         *,
         clip: bool = True,
-        chunk: int = 1 << 20,
+        chunk: int = 1 << 16,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """``(predictions, cold)`` for index tensors; evaluated in chunks to bound memory."""
         outs, colds = [], []

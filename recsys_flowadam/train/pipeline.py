@@ -107,7 +107,8 @@ def _refit(first: TrainResult, train: Ratings, val: Ratings | None, config: Trai
         return first, train
     fit_ratings = concat_ratings(train, val)
     refit = train_model(fit_ratings, None, replace(config, steps=max(first.best_step, 1), epochs=None,
-                                                   patience=0, checkpoint_every=0), progress=progress)
+                                                   patience=0, checkpoint_every=0), progress=progress,
+                        path_choice=first.path_choice or None)  # the first run's path and schedule
     return _merge_refit(first, refit, len(fit_ratings)), fit_ratings
 
 
@@ -157,7 +158,8 @@ def _run_metrics(result: TrainResult) -> dict[str, Any]:
 
 def _used(result: TrainResult) -> dict[str, Any]:
     """What the artifact records beside the configuration: what the run used, and its objective."""
-    return {"representation_used": result.representation, "device_used": result.device,
+    return {"representation_used": result.representation, "path_choice": result.path_choice,
+            "device_used": result.device,
             "objective": "mean loss over training ratings + reg*(||U||^2+||V||^2[+||W||^2]) "
                          "+ bias_reg*(||b_u||^2+||b_i||^2)"}
 
@@ -193,7 +195,7 @@ def _summary(data: DataSettings, config: TrainConfig, split: Split, metrics: dic
         "steps": result.steps, "best_step": result.best_step, "stopped": result.stopped,
         "grad_evals": result.grad_evals, "ode_triggers": int(diag.get("ode_triggers", 0) or 0),
         "train_seconds": round(result.train_seconds, 4), "total_seconds": round(time.perf_counter() - t_start, 4),
-        "device": result.device, "representation": result.representation,
+        "device": result.device, "representation": result.representation, "path_choice": result.path_choice,
         "resumed_from": result.resumed_from, "refit": bool(result.extra.get("refit")), "out": str(out_dir),
         "world_size": 1 if dctx is None else dctx.world_size,
     }

@@ -1,5 +1,5 @@
 """What a run fits: the model spec, the objective, the training ratings on the device, and the
-representation (dense, sparse or mini-batch) its gradient path uses.
+path its gradients take (dense, sparse or mini-batch, and the batch size: :func:`choose_run_path`).
 
 The objective centres on the training mean when the model has biases (or ``center`` says
 so); ``reg_weighting="frequency"`` weights each row's L2 penalty by its share of the ratings.
@@ -17,7 +17,8 @@ from recsys_flowadam.models import (
     Coords,
     ModelSpec,
     Objective,
-    choose_representation,
+    PathChoice,
+    choose_path,
     coords_from_ratings,
     has_duplicates,
 )
@@ -126,23 +127,18 @@ def _row_weights(config: TrainConfig, spec: ModelSpec, coords: Coords,
     return {name: torch.bincount(index, minlength=n).to(dtype) / len(coords) for name, (index, n) in modes.items()}
 
 
-def choose_path_representation(config: TrainConfig, spec: ModelSpec, coords: Coords, largest_shard: int,
-                               device: torch.device) -> str:
-    """Mini-batch when a batch size is given; else ``config.representation``, with ``auto``
-    picking dense or sparse by the memory budget for the largest shard (so every rank agrees)."""
+def choose_run_path(config: TrainConfig, spec: ModelSpec, coords: Coords, largest_shard: int,
+                    device: torch.device) -> PathChoice:
+    """The run's gradient path: what ``batch_size`` / ``representation`` ask for, else the
+    automatic choice (``models.path_choice``) for the largest shard (so every rank agrees)."""
     if config.batch_size is not None:
         if config.representation not in ("auto", "minibatch"):
             raise ValueError(f"batch_size given with representation {config.representation!r}: mini-batch "
                              "training uses gathered embeddings; drop one of the two")
-        return "minibatch"
+        return PathChoice("minibatch", config.batch_size, "--batch-size given")
     if config.representation != "auto":
-        return config.representation
+        return PathChoice(config.representation, None, "--representation given")
     budget = None if config.memory_budget_gb is None else int(config.memory_budget_gb * (1 << 30))
-    representation = choose_representation(spec, largest_shard, device, budget_bytes=budget,
-                                           element_size=torch_dtype(config).itemsize,
-                                           duplicates=has_duplicates(spec, coords))
-    if representation == "minibatch":
-        raise ValueError("the training data fits neither the dense nor the sparse full-batch representation "
-                         "within the memory budget: give --batch-size for mini-batch training "
-                         "(or a larger --memory-budget)")
-    return representation
+    return choose_path(spec, largest_shard, device, optimizer=config.optimizer, budget_bytes=budget,
+                       element_size=torch_dtype(config).itemsize, duplicates=lambda: has_duplicates(spec, coords))
+

@@ -1,7 +1,8 @@
 """The training loop: full-batch or mini-batch, early stopping, checkpoints, resume.
 
 :func:`train_model` assembles the run from named parts and hands it to the :class:`StepDriver`:
-the problem (``problem``: spec, objective, training coordinates, representation), the data
+the problem (``problem``: spec, objective, training coordinates, and the gradient path: dense,
+sparse or mini-batches and their size, chosen by ``choose_run_path`` unless given), the data
 and batch source (``batches``: all the data or this rank's shard, full batch or mini-batches,
 and how a gradient is reduced), the :class:`~recsys_flowadam.train.evaluator.Evaluator`
 (validation, early stopping, the best parameters) and the loop state with its checkpoints
@@ -10,6 +11,9 @@ and how a gradient is reduced), the :class:`~recsys_flowadam.train.evaluator.Eva
 Every optimizer is driven through ``opt.step(closure)``; the closure writes the analytic
 gradients of the chosen path into ``.grad`` and its calls are counted (``grad_evals``), so
 FlowAdam's extra ODE evaluations and L-BFGS's line search are reported like Adam's one.
+The loop itself reads nothing back from the device per step: the losses wait on the device
+(:class:`PendingLosses`) until a history record or a checkpoint reads them in one transfer,
+and a non-finite one is reported there with the step it happened at.
 
 Seeding: ``seed`` draws the initial factors (CPU generator ``seed``, then moved to the
 device) and the mini-batch order (a second CPU generator, ``seed + 1``, reshuffled every
@@ -35,7 +39,7 @@ from typing import Any, Callable, Mapping
 import torch
 
 from recsys_flowadam.data.ratings import Ratings
-from recsys_flowadam.models import ModelSpec, Objective, init_params, make_path
+from recsys_flowadam.models import ModelSpec, Objective, PathChoice, init_params, make_path
 from recsys_flowadam.train.checkpoint import CheckpointError
 from recsys_flowadam.train.batches import (
     BatchSource,
@@ -51,20 +55,58 @@ from recsys_flowadam.train.evaluator import Evaluator, stop_agreement
 from recsys_flowadam.train.loop_state import Checkpointer, LoopState, Snapshot, fingerprint
 from recsys_flowadam.train.metrics import Predictor
 from recsys_flowadam.train.optimizers import CountingClosure, build_optimizer, optimizer_diagnostics
-from recsys_flowadam.train.problem import build_problem, choose_path_representation
+from recsys_flowadam.train.problem import build_problem, choose_run_path
 
 
 class NonFiniteLossError(RuntimeError):
-    """The training loss became NaN or infinite; names the step and the last good checkpoint."""
+    """The training loss became NaN or infinite; names the step and the last good checkpoint.
 
-    def __init__(self, step: int, loss: float, checkpoint: Path | None, checkpoint_step: int | None):
+    Losses are read from the device in groups (see :class:`PendingLosses`): ``checked_at`` is
+    the step at which the group holding the bad one was read, when later than ``step``."""
+
+    def __init__(self, step: int, loss: float, checkpoint: Path | None, checkpoint_step: int | None,
+                 checked_at: int | None = None):
         self.step = step
         msg = f"training loss is not finite ({loss}) at step {step}"
+        if checked_at is not None and checked_at > step:
+            msg += f" (found when the losses up to step {checked_at} were read)"
         if checkpoint is not None and checkpoint_step is not None:
             msg += f"; the last good checkpoint ({checkpoint}, step {checkpoint_step}) is kept"
         else:
             msg += "; no checkpoint was written (try a smaller --lr, or --checkpoint-every N)"
         super().__init__(msg)
+
+
+class PendingLosses:
+    """The training losses of the steps since they were last read, kept on the device.
+
+    Reading a loss to the host (``float(loss)``) makes the host wait for the device every
+    step; instead each step's loss is copied into a device buffer and the buffer is read in
+    one transfer at history records, checkpoints and the end of the run (or when it holds
+    ``capacity`` losses). The values are the losses exactly (float32 -> float64 is exact), so
+    the recorded mean training loss is the same sum, in the same order, as a per-step read.
+    """
+
+    def __init__(self, first_step: int, capacity: int = 1024) -> None:
+        self.first_step, self.capacity = first_step, capacity
+        self._buffer: torch.Tensor | None = None
+        self._count = 0
+
+    def add(self, loss: torch.Tensor | float) -> bool:
+        """Keep one step's loss; True when the buffer is full (read it now)."""
+        if self._buffer is None:
+            device = loss.device if isinstance(loss, torch.Tensor) else None
+            self._buffer = torch.empty(self.capacity, dtype=torch.float64, device=device)
+        self._buffer[self._count] = loss.detach() if isinstance(loss, torch.Tensor) else float(loss)
+        self._count += 1
+        return self._count == self.capacity
+
+    def read(self) -> tuple[int, list[float]]:
+        """``(first step, losses)`` of the steps kept so far (one device -> host transfer); empties."""
+        first, values = self.first_step, [] if self._buffer is None else self._buffer[:self._count].tolist()
+        self.first_step += self._count
+        self._count = 0
+        return first, values
 
 
 @dataclass
@@ -90,6 +132,7 @@ class TrainResult:
     global_mean: float
     resumed_from: int | None = None
     extra: dict[str, Any] = field(default_factory=dict)
+    path_choice: dict[str, Any] = field(default_factory=dict)  # PathChoice.to_dict(): path, batch size, why
 
 
 def resolve_device(name: str) -> torch.device:
@@ -102,22 +145,43 @@ def resolve_device(name: str) -> torch.device:
     return device
 
 
+class LrDecay:
+    """The learning rate of every parameter group halving every ``half_life`` steps, smoothly:
+    ``lr(step) = lr0 * 0.5 ** (step / half_life)``. Mini-batch gradients are noisy, and a constant
+    rate leaves the parameters wandering at a noise floor above the optimum; a function of the
+    step alone, so a resumed run (and a refit) replays it exactly."""
+
+    def __init__(self, opt: torch.optim.Optimizer, half_life: float) -> None:
+        self.opt, self.half_life = opt, half_life
+        self.base = [group["lr"] for group in opt.param_groups]
+
+    def apply(self, done: int) -> None:
+        """Set the rates for the step after ``done`` completed steps."""
+        factor = 0.5 ** (done / self.half_life)
+        for group, lr in zip(self.opt.param_groups, self.base):
+            group["lr"] = lr * factor
+
+
 class StepDriver:
     """Runs optimizer steps until the step limit or early stopping.
 
-    One step: the batch source picks the batch, ``opt.step`` runs the (counted) closure, the
-    loss is checked and summed; every ``eval_every`` steps a history record is written and
-    the evaluator decides whether to stop; every ``checkpoint_every`` steps a checkpoint.
+    One step: the batch source picks the batch, ``opt.step`` runs the (counted) closure and
+    its loss joins the :class:`PendingLosses` on the device (no host synchronisation); every
+    ``eval_every`` steps the pending losses are read, checked and summed, a history record is
+    written and the evaluator decides whether to stop; every ``checkpoint_every`` steps a
+    checkpoint (after reading the pending losses too).
     """
 
     def __init__(self, *, state: LoopState, source: BatchSource, closure: GradientClosure,
                  opt: torch.optim.Optimizer, evaluator: Evaluator, checkpointer: Checkpointer, limit: int,
-                 on_step: Callable[[int], None] | None, bar: Any) -> None:
+                 on_step: Callable[[int], None] | None, bar: Any, lr_decay: LrDecay | None = None) -> None:
         self.state, self.source, self.closure, self.opt = state, source, closure, opt
+        self.lr_decay = lr_decay
         self.evaluator, self.checkpointer, self.limit = evaluator, checkpointer, limit
         self.on_step, self.bar = on_step, bar
         self.counter = CountingClosure(closure)
         self.counter.calls = state.grad_evals
+        self.pending = PendingLosses(state.step + 1)
         self._t0, self._elapsed0 = 0.0, state.elapsed  # set when run() starts
 
     def run(self) -> str:
@@ -137,6 +201,7 @@ class StepDriver:
                     self.on_step(st.step)
         finally:
             self.bar.close()
+        self._read_losses()
         st.elapsed = self._elapsed()
         return stopped
 
@@ -147,6 +212,8 @@ class StepDriver:
         """One optimizer step and its bookkeeping; True when the evaluation says stop."""
         st = self.state
         self.closure.batch = self.source.next(st)
+        if self.lr_decay is not None:
+            self.lr_decay.apply(st.step)
         try:
             loss = self.opt.step(self.counter)
         except PeerLostError as exc:
@@ -155,19 +222,27 @@ class StepDriver:
             raise PeerLostError(f"{exc}; in step {st.step + 1}{hint}") from exc
         st.step += 1
         st.grad_evals = self.counter.calls
-        loss_value = float(loss)
-        if not math.isfinite(loss_value):
-            raise NonFiniteLossError(st.step, loss_value, *self.checkpointer.last_good(st))
-        st.loss_sum += loss_value
-        st.loss_count += 1
+        if self.pending.add(loss):
+            self._read_losses()
         self.bar.update(1)
         if self.evaluator.due(st.step, st.step == self.limit):
             return self._record()
         return False
 
+    def _read_losses(self) -> None:
+        """Read the pending losses (one transfer), raise at the first non-finite one, sum the rest."""
+        st = self.state
+        first, values = self.pending.read()
+        for k, value in enumerate(values):
+            if not math.isfinite(value):
+                raise NonFiniteLossError(first + k, value, *self.checkpointer.last_good(st), checked_at=st.step)
+            st.loss_sum += value
+        st.loss_count += len(values)
+
     def _record(self) -> bool:
         """Append a history record (mean training loss since the last one, validation metrics)."""
         st = self.state
+        self._read_losses()
         record: dict[str, Any] = {"step": st.step, "epoch": self.source.epoch_label(st),
                                   "train_loss": st.loss_sum / st.loss_count, "grad_evals": st.grad_evals}
         st.loss_sum, st.loss_count = 0.0, 0
@@ -183,6 +258,7 @@ class StepDriver:
 
     def _checkpoint(self) -> None:
         """Save the run, unless the parameters already hold non-finite numbers."""
+        self._read_losses()
         st, params = self.state, self.closure.params
         if not bool(torch.stack([torch.isfinite(p).all() for p in params.values()]).all()):
             raise NonFiniteLossError(st.step, float("nan"), *self.checkpointer.last_good(st))
@@ -226,6 +302,7 @@ def train_model(
     on_step: Callable[[int], None] | None = None,
     distributed: DistContext | None = None,
     data_identity: Mapping[str, Any] | None = None,
+    path_choice: Mapping[str, Any] | None = None,
 ) -> TrainResult:
     """Fit ``config.model`` to ``train``, early-stopping on ``val``; see the module docstring.
 
@@ -235,7 +312,9 @@ def train_model(
     ``on_step(step)`` is called after every completed step (tests use it to kill the process).
     ``distributed``: the process group's context; default: the initialised one, if any. Every
     rank passes the same ``train``/``val``/``config``; only rank 0 checkpoints and its result
-    holds the best (early-stopped) parameters.
+    holds the best (early-stopped) parameters. ``path_choice``: a path already chosen
+    (``TrainResult.path_choice`` of an earlier run: a refit takes its first run's), else
+    :func:`~recsys_flowadam.train.problem.choose_run_path` decides.
     """
     if len(train) == 0:
         raise ValueError("no training ratings")
@@ -244,15 +323,17 @@ def train_model(
     device = device if dctx is None else dctx.device(device)
     problem = build_problem(train, config, device)
     data = place_training_data(problem.coords, problem.objective, dctx, config.seed, device)
-    representation = choose_path_representation(config, problem.spec, problem.coords, data.largest, device)
-    path = make_path(representation, problem.spec, data.coords, data.path_objective)
+    choice = (PathChoice(**path_choice) if path_choice is not None
+              else choose_run_path(config, problem.spec, problem.coords, data.largest, device))
+    path = make_path(choice.representation, problem.spec, data.coords, data.path_objective)
     params = init_params(problem.spec, init_std=config.init_std, generator=torch.Generator().manual_seed(config.seed),
                          device=device, dtype=problem.dtype)
     opt = build_optimizer(config.optimizer, params.values(), config.lr, **config.optimizer_kwargs)
     evaluator = Evaluator(problem.predictor(params), params, problem.coords_of(val), config,
                           evaluates=data.is_main, agree=stop_agreement(dctx, device))
-    source = make_batch_source(data, representation == "minibatch", config.batch_size, config.seed, device)
-    limit = step_limit(config, source.n_batches)
+    source = make_batch_source(data, choice.representation == "minibatch", choice.batch_size, config.seed, device)
+    limit = step_limit(config, source.n_batches, choice.max_steps)
+    lr_decay = None if choice.lr_half_life_steps is None else LrDecay(opt, choice.lr_half_life_steps)
     ckpt = Path(checkpoint_path) if checkpoint_path is not None else None
     fp = (fingerprint(config, train, data.world_size, data_identity)
           if resume or (ckpt is not None and config.checkpoint_every) else {})  # hashing the data costs time
@@ -261,7 +342,8 @@ def train_model(
     resumed_from = state.step if resume else None
     bar = _progress_bar(config, limit, state.step, show=progress and data.is_main)
     driver = StepDriver(state=state, source=source, closure=GradientClosure(path, params, data), opt=opt,
-                        evaluator=evaluator, checkpointer=checkpointer, limit=limit, on_step=on_step, bar=bar)
+                        evaluator=evaluator, checkpointer=checkpointer, limit=limit, on_step=on_step, bar=bar,
+                        lr_decay=lr_decay)
     stopped = driver.run()
     evaluator.finish(state)
     final = {k: p.detach() for k, p in params.items()}
@@ -270,6 +352,6 @@ def train_model(
         predictor=problem.predictor(final), history=state.history, steps=state.step,
         epochs=source.epochs_done(state), grad_evals=state.grad_evals, diagnostics=optimizer_diagnostics(opt),
         best_step=state.best_step, best_val_rmse=evaluator.best_val_rmse(state), train_seconds=state.elapsed,
-        representation=representation, device=str(device), stopped=stopped, global_mean=problem.global_mean,
-        resumed_from=resumed_from, extra=dict(data.extra),
+        representation=choice.representation, device=str(device), stopped=stopped, global_mean=problem.global_mean,
+        resumed_from=resumed_from, extra=dict(data.extra), path_choice=choice.to_dict(),
     )

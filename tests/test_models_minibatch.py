@@ -1,0 +1,224 @@
+"""The hand-written mini-batch path equals autograd (float64, 1e-5) for every model, loss and
+penalty weighting, on batches that repeat users and items; its scatter-adds; the automatic
+choice of full batch or mini-batches."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from recsys_flowadam.models import (
+    AutogradPath,
+    Coords,
+    MiniBatchPath,
+    ModelSpec,
+    Objective,
+    PathChoice,
+    auto_batch_size,
+    choose_path,
+    estimate_bytes,
+    init_params,
+    make_path,
+)
+from recsys_flowadam.models import path_choice
+from recsys_flowadam.models.scatter import SCATTER_METHODS, default_method, scatter_rows, segment_offsets
+
+CASES = [
+    ("mf", None, "mse"), ("mf", None, "huber"), ("biased-mf", None, "mse"), ("biased-mf", None, "huber"),
+    ("cp", False, "mse"), ("cp", False, "huber"), ("cp", True, "mse"), ("cp", True, "huber"),
+]
+
+
+def _problem(model: str, biases, n_users=31, n_items=17, n_contexts=4, rank=5, n=400, seed=0):
+    """Ratings drawn with replacement: users, items and whole cells repeat within the batch."""
+    gen = torch.Generator().manual_seed(seed)
+    nc = n_contexts if model == "cp" else 0
+    spec = ModelSpec(model, n_users, n_items, rank, nc, biases=biases)
+    # skewed draws, so a few users and items hold many ratings (like real data)
+    users = torch.multinomial(torch.rand(n_users, generator=gen) ** 4, n, replacement=True, generator=gen)
+    items = torch.multinomial(torch.rand(n_items, generator=gen) ** 4, n, replacement=True, generator=gen)
+    contexts = torch.randint(0, nc, (n,), generator=gen) if nc else None
+    values = torch.randn(n, generator=gen, dtype=torch.float64) * 2 + 3
+    params = init_params(spec, init_std=0.5, generator=gen, dtype=torch.float64)
+    with torch.no_grad():
+        for p in params.values():
+            p.add_(torch.randn(p.shape, generator=gen, dtype=torch.float64) * 0.3)
+    return spec, Coords(users, items, values, contexts), params
+
+
+def _frequency_weights(spec: ModelSpec, coords: Coords) -> dict[str, torch.Tensor]:
+    n = len(coords)
+    weights = {"user": torch.bincount(coords.users, minlength=spec.n_users).double() / n,
+               "item": torch.bincount(coords.items, minlength=spec.n_items).double() / n}
+    if spec.is_tensor:
+        weights["context"] = torch.bincount(coords.contexts, minlength=spec.n_contexts).double() / n
+    return weights
+
+
+def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a - b).norm() / b.norm().clamp_min(1e-300))
+
+
+@pytest.mark.parametrize("scatter", SCATTER_METHODS)
+@pytest.mark.parametrize("weighting", ["uniform", "frequency"])
+@pytest.mark.parametrize("model,biases,loss", CASES)
+def test_minibatch_path_matches_autograd(model, biases, loss, weighting, scatter):
+    spec, coords, params = _problem(model, biases)
+    weights = _frequency_weights(spec, coords) if weighting == "frequency" else None
+    obj = Objective(reg=0.07, bias_reg=0.02, loss=loss, huber_delta=0.8, offset=0.37, weights=weights)
+    batch = coords.select(torch.arange(0, len(coords), 3))  # a batch of the training ratings
+    assert len(torch.unique(batch.users)) < len(batch) and len(torch.unique(batch.items)) < len(batch)
+    path = MiniBatchPath(coords, obj, scatter=scatter)
+    for b in (batch, None):  # a mini-batch, and every training rating
+        ref_loss, ref_grads = AutogradPath(coords, obj).loss_and_grad(params, b)
+        got_loss, got_grads = path.loss_and_grad(params, b)
+        assert list(got_grads) == list(params)
+        assert abs(float(got_loss) - float(ref_loss)) <= 1e-5 * abs(float(ref_loss))
+        for name in params:
+            assert got_grads[name].shape == params[name].shape and got_grads[name].dtype == torch.float64
+            assert _rel(got_grads[name], ref_grads[name]) <= 1e-5, name
+    if loss == "huber":  # residuals beyond delta exist, so the clipped branch is exercised
+        from recsys_flowadam.models import predict
+
+        r = predict(params, batch.users, batch.items, batch.contexts, obj.offset) - batch.values
+        assert bool((r.abs() > obj.huber_delta).any()) and bool((r.abs() < obj.huber_delta).any())
+
+
+def test_minibatch_path_without_penalty_and_leaves_params_alone():
+    spec, coords, params = _problem("biased-mf", None)
+    before = {k: p.detach().clone() for k, p in params.items()}
+    obj = Objective(offset=1.0)  # no penalty: the shards of a distributed run use this
+    loss, grads = MiniBatchPath(coords, obj).loss_and_grad(params, coords)
+    ref_loss, ref_grads = AutogradPath(coords, obj).loss_and_grad(params, coords)
+    assert float(loss) == pytest.approx(float(ref_loss), rel=1e-12)
+    for name in params:
+        assert _rel(grads[name], ref_grads[name]) <= 1e-12
+        assert torch.equal(params[name], before[name]) and params[name].grad is None
+    # rows no rating touches get no data gradient
+    untouched = torch.ones(spec.n_users, dtype=torch.bool)
+    untouched[coords.users] = False
+    assert bool(untouched.any()) and bool((grads["user_factors"][untouched] == 0).all())
+
+
+def test_minibatch_loss_is_mean_plus_full_penalty_by_hand():
+    params = {"user_factors": torch.tensor([[1.0], [2.0]], dtype=torch.float64),
+              "item_factors": torch.tensor([[3.0], [-1.0]], dtype=torch.float64)}
+    coords = Coords(torch.tensor([0, 1]), torch.tensor([0, 1]), torch.tensor([2.0, 0.0], dtype=torch.float64))
+    obj = Objective(reg=0.5)
+    path = MiniBatchPath(coords, obj)
+    # the batch holds rating 0 only: residual 1*3-2 = 1 -> mean sq 1; the penalty covers every row:
+    # 0.5*(1+4+9+1) = 7.5
+    loss, grads = path.loss_and_grad(params, coords.select(torch.tensor([0])))
+    assert float(loss) == pytest.approx(8.5)
+    # dU[0] = 2*r*V[0] + 2*reg*U[0] = 6 + 1; dU[1] = 0 + 2*reg*U[1] = 2
+    assert grads["user_factors"].flatten().tolist() == pytest.approx([7.0, 2.0])
+
+
+@pytest.mark.parametrize("method", SCATTER_METHODS)
+def test_scatter_rows_adds_weighted_rows_into_their_targets(method):
+    gen = torch.Generator().manual_seed(3)
+    table = torch.randn(6, 3, generator=gen, dtype=torch.float64)
+    index = torch.tensor([4, 0, 4, 4, 2, 0, 7])  # row 7 of 9: rows 1, 3, 5, 6 and 8 get nothing
+    lookup = torch.tensor([5, 1, 1, 0, 3, 2, 5])
+    weights = torch.randn(7, generator=gen, dtype=torch.float64)
+    expected = torch.zeros(9, 3, dtype=torch.float64)
+    for k in range(7):
+        expected[index[k]] += weights[k] * table[lookup[k]]
+    torch.testing.assert_close(scatter_rows(index, 9, table, lookup, weights, method), expected)
+    rows = table[lookup]  # lookup=None: row k of the table belongs to contribution k
+    torch.testing.assert_close(scatter_rows(index, 9, rows, None, weights, method), expected)
+    order = torch.argsort(index, stable=True)  # an index given in order: the segment method skips its sort
+    got = scatter_rows(index[order], 9, table, lookup[order], weights[order], method, index_sorted=True)
+    torch.testing.assert_close(got, expected)
+    with pytest.raises(ValueError, match="unknown scatter method"):
+        scatter_rows(index, 9, table, lookup, weights, "atomic")
+
+
+def test_segment_offsets_by_counting_and_by_search_agree():
+    index = torch.tensor([0, 0, 2, 2, 2, 5])
+    expected = [0, 2, 2, 5, 5, 5, 6, 6]  # rows 0..6 of 7, and the end
+    for count in (True, False):
+        for keys in (index, index.to(torch.int32)):
+            assert segment_offsets(keys, 7, count=count).tolist() == expected
+
+
+def test_default_scatter_method_and_make_path():
+    assert default_method(torch.device("cpu")) == "segment"
+    assert default_method(torch.device("cuda")) == "index_add"
+    spec, coords, _ = _problem("mf", None)
+    path = make_path("minibatch", spec, coords, Objective())
+    assert isinstance(path, MiniBatchPath) and path.scatter == "segment"
+    with pytest.raises(ValueError, match="unknown scatter method"):
+        MiniBatchPath(coords, Objective(), scatter="atomic")
+
+
+# ------------------------------------------------------------------ the automatic choice
+
+
+def test_auto_batch_size_is_a_bounded_share_of_the_ratings():
+    assert auto_batch_size(10_000_000) == 100_000
+    assert auto_batch_size(100_000_000) == path_choice.MAX_AUTO_BATCH
+    assert auto_batch_size(3_000_000) == 30_000
+    assert auto_batch_size(500_000) == path_choice.MIN_AUTO_BATCH
+    assert auto_batch_size(1_000) == 1_000  # never more than the ratings
+
+
+def test_choose_path_small_data_keeps_the_full_batch_rule():
+    cpu = torch.device("cpu")
+    # ML-100K's shape (4% observed): CSR; a dense Jester-like grid: dense
+    ml100k = ModelSpec("biased-mf", 943, 1682, 100)
+    choice = choose_path(ml100k, 80_000, cpu, optimizer="flowadam")
+    assert (choice.representation, choice.batch_size) == ("sparse", None)
+    jester = ModelSpec("mf", 7_000, 100, 20)
+    choice = choose_path(jester, 400_000, cpu, optimizer="adam")
+    assert (choice.representation, choice.batch_size) == ("dense", None) and "dense grid" in choice.reason
+    # a grid holding a cell twice cannot be dense
+    assert choose_path(jester, 400_000, cpu, duplicates=True).representation == "sparse"
+
+
+def test_choose_path_large_data_takes_minibatches():
+    cpu = torch.device("cpu")
+    spec = ModelSpec("biased-mf", 62_000, 10_000, 20)
+    n = 10_000_000
+
+    def never() -> bool:  # sizing a dense grid needs a pass over the data: not asked when not needed
+        raise AssertionError("duplicates were checked")
+
+    choice = choose_path(spec, n, cpu, optimizer="adam", duplicates=never)
+    assert choice == PathChoice("minibatch", 100_000, choice.reason, path_choice.LR_HALF_LIFE_STEPS,
+                                path_choice.AUTO_MAX_STEPS)
+    assert f"{n:,} training ratings" in choice.reason and "mini-batches of 100,000" in choice.reason
+    assert choice.to_dict() == {"representation": "minibatch", "batch_size": 100_000, "reason": choice.reason,
+                                "lr_half_life_steps": path_choice.LR_HALF_LIFE_STEPS,
+                                "max_steps": path_choice.AUTO_MAX_STEPS}
+    # L-BFGS needs full batches: CSR, whatever the size
+    assert choose_path(spec, n, cpu, optimizer="lbfgs", duplicates=never).representation == "sparse"
+    # below the threshold but nothing full-batch fits the memory budget: mini-batches too
+    small = path_choice.MINIBATCH_MIN_RATINGS - 1
+    budget = estimate_bytes("sparse", spec, small) - 1
+    choice = choose_path(spec, small, cpu, budget_bytes=budget, duplicates=never)
+    assert choice.representation == "minibatch" and "memory budget" in choice.reason
+    with pytest.raises(ValueError, match="lbfgs needs full batches"):
+        choose_path(spec, small, cpu, optimizer="lbfgs", budget_bytes=budget, duplicates=never)
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("scatter", SCATTER_METHODS)
+@pytest.mark.parametrize("model,biases,loss", CASES)
+def test_minibatch_path_matches_autograd_on_cuda(model, biases, loss, scatter):
+    spec, coords, params = _problem(model, biases)
+    dev = torch.device("cuda")
+    weights = {k: v.to(dev) for k, v in _frequency_weights(spec, coords).items()}
+    coords = Coords(coords.users.to(dev), coords.items.to(dev), coords.values.to(dev),
+                    None if coords.contexts is None else coords.contexts.to(dev))
+    params = {k: v.detach().to(dev).requires_grad_(True) for k, v in params.items()}
+    obj = Objective(reg=0.07, bias_reg=0.02, loss=loss, huber_delta=0.8, offset=0.37, weights=weights)
+    batch = coords.select(torch.arange(0, len(coords), 3, device=dev))
+    ref_loss, ref_grads = AutogradPath(coords, obj).loss_and_grad(params, batch)
+    got_loss, got_grads = MiniBatchPath(coords, obj, scatter=scatter).loss_and_grad(params, batch)
+    assert got_loss.device.type == "cuda"
+    assert abs(float(got_loss) - float(ref_loss)) <= 1e-5 * abs(float(ref_loss))
+    for name in params:
+        assert got_grads[name].device.type == "cuda"
+        assert _rel(got_grads[name], ref_grads[name]) <= 1e-5, name
