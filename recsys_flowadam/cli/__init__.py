@@ -18,7 +18,7 @@ from typing import Sequence
 from recsys_flowadam import __version__
 
 # Order is the order shown in --help; a group whose module is absent is not offered.
-GROUPS = ("data", "train", "evaluate", "serve", "reproduce")
+GROUPS = ("data", "train", "cv", "evaluate", "serve", "reproduce")
 
 
 class CLIError(Exception):

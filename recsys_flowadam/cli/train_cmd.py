@@ -7,6 +7,9 @@ in ``--help`` come from the field); only the run options (``--recipe``, ``--thre
 defaults are None, so that the precedence is: model defaults <- recipe <- explicit flags.
 Importing the models imports ``recsys_flowadam.train`` (and so torch), hence the flags are
 added on the ``train`` parser's first use: building the whole CLI (``data list``) stays light.
+``cv`` shares the setting flags, the recipe and the thread handling through
+:func:`add_setting_arguments`, :func:`add_recipe_arguments`, :func:`resolve_settings`,
+:func:`torch_threads` and :func:`add_lazy_parser`.
 """
 
 from __future__ import annotations
@@ -14,8 +17,9 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+from contextlib import contextmanager
 from types import UnionType
-from typing import TYPE_CHECKING, Annotated, Any, Literal, Union, get_args, get_origin
+from typing import TYPE_CHECKING, Annotated, Any, Callable, Collection, Iterator, Literal, Union, get_args, get_origin
 
 if TYPE_CHECKING:
     from pydantic.fields import FieldInfo
@@ -92,20 +96,32 @@ def _argument_spec(info: FieldInfo) -> dict[str, Any]:
     return spec
 
 
-def add_arguments(p: argparse.ArgumentParser) -> None:
-    """The ``train`` flags: one per setting of the models, then the run options."""
+def add_setting_arguments(p: argparse.ArgumentParser, *, exclude: Collection[str] = ()) -> None:
+    """One flag per setting of the models (those named in ``exclude`` left out), grouped by model:
+    the settings every training command (``train``, ``cv``) shares."""
     from recsys_flowadam.train.config import DataConfig, FlowAdamOptions, TrainConfig
 
     for title, model in (("data", DataConfig), ("training", TrainConfig),
                          ("FlowAdam (unset: the preset's value or FlowAdam's default)", FlowAdamOptions)):
         group = p.add_argument_group(title)
         for name, info in model.__pydantic_fields__.items():
-            group.add_argument(*setting_flags(name), dest=name, **_argument_spec(info))
-    g = p.add_argument_group("run")
+            if name not in exclude:
+                group.add_argument(*setting_flags(name), dest=name, **_argument_spec(info))
+
+
+def add_recipe_arguments(g: argparse._ArgumentGroup) -> None:
+    """``--recipe`` and ``--threads``, which :func:`resolve_settings` and :func:`torch_threads` read."""
     g.add_argument("--recipe", help="TOML recipe (models/*.toml); explicit flags override it (a different "
                                     "--optimizer also drops the recipe's [optimizer_options])")
     g.add_argument("--threads", type=int, help="CPU threads for torch (default: torch's choice; 1 is often "
                                               "faster on a small, shared machine)")
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    """The ``train`` flags: one per setting of the models, then the run options."""
+    add_setting_arguments(p)
+    g = p.add_argument_group("run")
+    add_recipe_arguments(g)
     g.add_argument("--out", help="artifact folder (default models/<dataset>-<model>-<optimizer>/)")
     g.add_argument("--resume", action="store_true", help="continue from <out>/checkpoint.safetensors")
     g.add_argument("--json", action="store_true", help="print one JSON object; no progress bar")
@@ -115,15 +131,16 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "error after this long instead of a hang (default 300)")
 
 
-class _TrainParser(argparse.ArgumentParser):
-    """The ``train`` parser, whose arguments are added on its first use (see the module doc)."""
+class LazyParser(argparse.ArgumentParser):
+    """A sub-command parser whose arguments ``populate(parser)`` adds on its first use (see the
+    module doc: the setting flags need the configuration models, hence torch)."""
 
-    _populated = False
+    populate: Callable[[argparse.ArgumentParser], None] | None = None
 
     def _populate(self) -> None:
-        if not self._populated:
-            self._populated = True
-            add_arguments(self)
+        populate, self.populate = self.populate, None
+        if populate is not None:
+            populate(self)
 
     def parse_known_args(self, args: Any = None, namespace: Any = None) -> Any:
         self._populate()
@@ -138,13 +155,21 @@ class _TrainParser(argparse.ArgumentParser):
         return super().format_help()
 
 
-def register(subparsers: argparse._SubParsersAction) -> None:
-    p = subparsers.add_parser("train", help="train a model and write its artifact", description=DESCRIPTION,
-                              argument_default=None)
+def add_lazy_parser(subparsers: argparse._SubParsersAction, name: str,
+                    populate: Callable[[argparse.ArgumentParser], None], **kwargs: Any) -> argparse.ArgumentParser:
+    """``subparsers.add_parser(name, **kwargs)`` whose arguments ``populate`` adds when it is first used."""
+    p = subparsers.add_parser(name, argument_default=None, **kwargs)
     if type(p) is argparse.ArgumentParser:
-        p.__class__ = _TrainParser  # same layout; adds its arguments when first used
+        p.__class__ = LazyParser  # same layout; adds its arguments when first used
+        p.populate = populate  # type: ignore[attr-defined]
     else:
-        add_arguments(p)
+        populate(p)
+    return p
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    p = add_lazy_parser(subparsers, "train", add_arguments, help="train a model and write its artifact",
+                        description=DESCRIPTION)
     p.set_defaults(func=handle)
 
 
@@ -187,41 +212,56 @@ def resolve_settings(args: argparse.Namespace) -> tuple[TrainConfig, DataConfig]
         raise CLIError(str(exc)) from None
 
 
-def handle(args: argparse.Namespace) -> int:
+@contextmanager
+def torch_threads(threads: int | None) -> Iterator[None]:
+    """Run the block with ``threads`` torch CPU threads (None: torch's choice); the previous count
+    is restored afterwards, so in-process callers (tests) keep their setting. ``--threads`` below 1
+    is a CLIError raised before torch is imported."""
     from recsys_flowadam.cli import CLIError
 
-    config, data = resolve_settings(args)
-    if args.threads is not None and args.threads < 1:
+    if threads is not None and threads < 1:
         raise CLIError("--threads must be >= 1")
     import torch
 
     threads_before = torch.get_num_threads()
-    if args.threads is not None:
-        torch.set_num_threads(args.threads)
+    if threads is not None:
+        torch.set_num_threads(threads)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads_before)
+
+
+def handle(args: argparse.Namespace) -> int:
+    config, data = resolve_settings(args)
+    with torch_threads(args.threads):
+        return _handle(args, config, data)
+
+
+def _handle(args: argparse.Namespace, config: TrainConfig, data: DataConfig) -> int:
+    """Train in this process, or as one rank of a torchrun group."""
+    from recsys_flowadam.cli import CLIError
     from recsys_flowadam.train import distributed
 
+    if not distributed.launched_distributed():
+        return _run(args, config, data)
+    # one process per rank (torchrun): join the group, train, leave it
     try:
-        if not distributed.launched_distributed():
-            return _run(args, config, data)
-        # one process per rank (torchrun): join the group, train, leave it
-        try:
-            timeout = distributed.DEFAULT_TIMEOUT_S if args.dist_timeout is None else args.dist_timeout
-            dctx = distributed.init_from_env(config.device, timeout)
-        except (ValueError, distributed.PeerLostError) as exc:
-            raise CLIError(str(exc)) from None
-        try:
-            return _run(args, config, data, quiet=not dctx.is_main)
-        except CLIError as exc:
-            # After a failed collective the process group cannot be torn down reliably: destroying
-            # it, or the interpreter's own exit, can hang or abort (gloo's threads raised SIGABRT
-            # at exit after a peer hung). Report and leave at once; torchrun sees the exit status.
-            print(f"recsys-flowadam: error: {exc}", file=sys.stderr, flush=True)
-            sys.stdout.flush()
-            os._exit(2)
-        finally:
-            distributed.shutdown()
+        timeout = distributed.DEFAULT_TIMEOUT_S if args.dist_timeout is None else args.dist_timeout
+        dctx = distributed.init_from_env(config.device, timeout)
+    except (ValueError, distributed.PeerLostError) as exc:
+        raise CLIError(str(exc)) from None
+    try:
+        return _run(args, config, data, quiet=not dctx.is_main)
+    except CLIError as exc:
+        # After a failed collective the process group cannot be torn down reliably: destroying
+        # it, or the interpreter's own exit, can hang or abort (gloo's threads raised SIGABRT
+        # at exit after a peer hung). Report and leave at once; torchrun sees the exit status.
+        print(f"recsys-flowadam: error: {exc}", file=sys.stderr, flush=True)
+        sys.stdout.flush()
+        os._exit(2)
     finally:
-        torch.set_num_threads(threads_before)  # in-process callers (tests) keep their setting
+        distributed.shutdown()
 
 
 def _run(args: argparse.Namespace, config: TrainConfig, data: DataConfig, quiet: bool = False) -> int:
@@ -256,6 +296,10 @@ def _print_summary(s: dict[str, Any]) -> None:
     print(f"{s['dataset']} ({s['split']}, seed {s['seed']}): {s['model']} + {s['optimizer']} on "
           f"{s['device']}{ranks} [{s['representation']}]", file=sys.stdout)
     print(f"  ratings: train {s['n_train']:,}  val {s['n_val']:,}  test {s['n_test']:,}")
+    if s.get("path_choice"):
+        choice = s["path_choice"]
+        batch = f", batches of {choice['batch_size']:,}" if choice.get("batch_size") else ""
+        print(f"  path: {choice['representation']}{batch} ({choice['reason']})")
     print(f"  steps {s['steps']} (best {s['best_step']}, {s['stopped']}), grad evals {s['grad_evals']}, "
           f"ODE triggers {s['ode_triggers']}, train {s['train_seconds']:.2f} s, total {s['total_seconds']:.2f} s")
     print(f"  val RMSE {f(s['val_rmse'])}   test RMSE {f(s['test_rmse'])}   test MAE {f(s['test_mae'])}")

@@ -1,0 +1,181 @@
+"""Cross-validation in one process: the ``cv`` command's job.
+
+The dataset is loaded once (and torch started once); each fold is then split from it with the
+run's seed and trained and scored by the code ``train`` uses (``fit_and_score``, refit included,
+then the test metrics), so fold ``uK`` gives exactly what ``train --split uK`` gives with the
+same settings. The result is one JSON-ready dict: a row per fold, then mean and sample standard
+deviation (ddof=1) of test RMSE, test MAE and seconds.
+"""
+
+from __future__ import annotations
+
+import importlib
+import re
+import statistics
+import time
+from dataclasses import asdict, replace
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+
+from recsys_flowadam.artifact import ArtifactError, check_artifact_target
+from recsys_flowadam.data import load_dataset, split_ratings
+from recsys_flowadam.data.ratings import Ratings
+from recsys_flowadam.data.splits import CANONICAL, Split
+from recsys_flowadam.train.config import DataConfig, TrainConfig
+from recsys_flowadam.train.context import parse_context, time_bin_edges, with_time_contexts
+from recsys_flowadam.train.pipeline import ARTIFACT_COMPANIONS, Fit, evaluate_ratings, fit_and_score
+from recsys_flowadam.train.trainer import NonFiniteLossError
+
+# what the summary gives mean and std of
+SUMMARIZED = ("test_rmse", "test_mae", "seconds")
+
+
+class CrossValidationError(ValueError):
+    """A fold could not be split or trained; the message names the fold."""
+
+
+def mean_std(values: list[float]) -> dict[str, float | None]:
+    """Mean and sample standard deviation (ddof=1; None for fewer than two values)."""
+    return {"mean": statistics.fmean(values) if values else None,
+            "std": statistics.stdev(values) if len(values) > 1 else None}
+
+
+def fold_dir_name(fold: str) -> str:
+    """A folder name for a fold's artifact: ``kfold:5:1`` -> ``kfold-5-1``."""
+    return re.sub(r"[^A-Za-z0-9._-]+", "-", fold)
+
+
+def check_folds_available(ratings: Ratings, folds: list[str]) -> None:
+    """Refuse, before any training, canonical folds whose ``.base``/``.test`` files are absent."""
+    for fold in folds:
+        if fold not in CANONICAL:
+            continue
+        if ratings.source_dir is None:
+            raise CrossValidationError(f"fold {fold}: {ratings.name} has no source folder holding {fold}.base/"
+                                       f"{fold}.test (ML-100K's canonical folds); use kfold:K for other data")
+        for ext in ("base", "test"):
+            path = Path(ratings.source_dir) / f"{fold}.{ext}"
+            if not path.is_file():
+                raise CrossValidationError(f"fold {fold}: {path} not found (canonical ML-100K split file)")
+
+
+def check_save_targets(save_models: Path | None, folds: list[str]) -> None:
+    """Refuse, before any work, fold artifact folders that hold something else (never a user's folder)."""
+    if save_models is None:
+        return
+    try:
+        for fold in folds:
+            check_artifact_target(save_models / fold_dir_name(fold), ARTIFACT_COMPANIONS)
+    except ArtifactError as exc:
+        raise CrossValidationError(f"--save-models: {exc}") from None
+
+
+def warm_up() -> float:
+    """Pay the process's one-time start-up before the first fold, so that fold times compare:
+    torch's optimizers import ``torch._dynamo`` on their first use (seconds on a small CPU).
+    Returns the seconds it took."""
+    t0 = time.perf_counter()
+    try:
+        importlib.import_module("torch._dynamo")
+    except ImportError:  # a build without it: nothing to pay
+        pass
+    return time.perf_counter() - t0
+
+
+def load_ratings(data: DataConfig) -> tuple[Ratings, list[float] | None]:
+    """``(ratings, context_edges)``: the dataset as ``train`` loads it; for ``--context time:N``
+    the time-bin edges of the whole dataset, which every fold then shares (as ``train`` does)."""
+    ratings = load_dataset(data.dataset, data.data_dir, offline=data.offline, clip=data.clip_ratings,
+                           **data.data_options)
+    n_bins = parse_context(data.context)
+    return ratings, (time_bin_edges(ratings, n_bins) if n_bins is not None else None)
+
+
+def split_fold(ratings: Ratings, fold: str, seed: int, edges: list[float] | None) -> Split:
+    """The fold's train/val/test parts, as ``train --split FOLD --seed SEED`` makes them."""
+    split = split_ratings(ratings, fold, seed)
+    if edges is None:
+        return split
+    return replace(split, **{part: with_time_contexts(getattr(split, part), edges)
+                             for part in ("train", "val", "test")})
+
+
+def _fold_row(fold: str, split: Split, fit: Fit, test: dict[str, Any], seconds: float) -> dict[str, Any]:
+    """One fold's figures, under the names ``train --json`` uses for them."""
+    result = fit.result
+    return {
+        "fold": fold, "n_train": len(split.train), "n_val": len(split.val), "n_test": len(split.test),
+        "val_rmse": fit.metrics.get("val_rmse"), "val_mae": fit.metrics.get("val_mae"),
+        "test_rmse": test["rmse"], "test_mae": test["mae"],
+        "steps": result.steps, "best_step": result.best_step, "stopped": result.stopped,
+        "grad_evals": result.grad_evals, "ode_triggers": int(result.diagnostics.get("ode_triggers", 0) or 0),
+        "train_seconds": round(result.train_seconds, 4), "seconds": round(seconds, 4),
+        "refit": bool(result.extra.get("refit")), "representation": result.representation,
+        "path_choice": result.path_choice, "device": result.device,
+    }
+
+
+def run_fold(ratings: Ratings, fold: str, data: DataConfig, config: TrainConfig, edges: list[float] | None, *,
+             save_to: Path | None = None, progress: bool = False) -> dict[str, Any]:
+    """Split, train (refit as ``config`` says), score on the test part; optionally save the
+    fold's artifact to ``save_to`` (as ``train --out`` would). Returns the fold's row."""
+    t0 = time.perf_counter()
+    split = split_fold(ratings, fold, config.seed, edges)
+    fit = fit_and_score(split.train, split.val, config, progress=progress)
+    test = evaluate_ratings(fit.result.predictor, split.test, torch.device(fit.result.device),
+                            clip=config.clip_predictions, use_contexts=config.model == "cp")
+    row = _fold_row(fold, split, fit, test, time.perf_counter() - t0)
+    if save_to is not None:
+        _save_fold(save_to, replace(data, split=fold), config, fit, test, edges)
+        row["artifact"] = str(save_to)
+    return row
+
+
+def _save_fold(out_dir: Path, data: DataConfig, config: TrainConfig, fit: Fit, test: dict[str, Any],
+               edges: list[float] | None) -> None:
+    """Write the fold's artifact and metric history, with the metadata ``train`` records."""
+    from recsys_flowadam.train.export import artifact_payload
+    from recsys_flowadam.train.pipeline import _artifact_train_config, _metric_block, _run_metrics, save_or_rescue
+
+    metrics = {**fit.metrics, **_metric_block("test", test), **_run_metrics(fit.result)}
+    tensors, meta = artifact_payload(fit.result, fit.fit_ratings, dataset_name=data.dataset, split=data.split,
+                                     seed=config.seed, metrics=metrics,
+                                     train_config=_artifact_train_config(data, config, fit.result, edges))
+    save_or_rescue(out_dir, tensors, meta, fit.result.history)
+
+
+def cross_validate(data: DataConfig, config: TrainConfig, folds: list[str], *, save_models: Path | None = None,
+                   progress: bool = False, on_fold: Callable[[dict[str, Any]], None] | None = None) -> dict[str, Any]:
+    """Load ``data`` once and run every fold of ``folds`` (split specs) in this process; return the
+    report: settings, one row per fold, mean and std of test RMSE, test MAE and seconds (a fold's
+    split, training and scoring; the data load and the one-time warm-up are reported apart).
+    ``on_fold(row)`` is called as each fold finishes; ``save_models``: a folder for each fold's artifact."""
+    t0 = time.perf_counter()
+    check_save_targets(save_models, folds)
+    try:
+        ratings, edges = load_ratings(data)
+        check_folds_available(ratings, folds)
+    except ValueError as exc:  # DataError, or a context the data cannot give
+        raise CrossValidationError(str(exc)) from None
+    load_seconds = time.perf_counter() - t0
+    warm_up_seconds = warm_up()
+    rows = []
+    for fold in folds:
+        save_to = save_models / fold_dir_name(fold) if save_models is not None else None
+        try:
+            row = run_fold(ratings, fold, data, config, edges, save_to=save_to, progress=progress)
+        except (NonFiniteLossError, ValueError) as exc:
+            raise CrossValidationError(f"fold {fold}: {exc}") from None
+        rows.append(row)
+        if on_fold is not None:
+            on_fold(row)
+    summary = {key: mean_std([row[key] for row in rows]) for key in SUMMARIZED}
+    return {
+        "dataset": data.dataset, "model": config.model, "optimizer": config.optimizer, "seed": config.seed,
+        "folds": list(folds), "n_folds": len(rows), **summary, "per_fold": rows,
+        "load_seconds": round(load_seconds, 4), "warm_up_seconds": round(warm_up_seconds, 4),
+        "total_seconds": round(time.perf_counter() - t0, 4),
+        "settings": {**config.to_dict(), **{k: v for k, v in asdict(data).items() if k not in ("split", "data_dir")}},
+    }
