@@ -42,6 +42,7 @@ def test_train_writes_artifact_and_evaluate_agrees(tmp_path, capsys):
     assert art.meta.model_type == "biased-mf" and art.meta.rank == 3
     assert art.meta.metrics["test_rmse"] == pytest.approx(summary["test_rmse"])
     assert art.meta.optimizer.name == "flowadam" and "ode_triggers" in art.meta.optimizer.diagnostics
+    assert art.meta.optimizer.diagnostics["preset"] == "E"  # the default preset is recorded, though not given
     assert art.meta.prediction_offset == pytest.approx(art.meta.global_mean)
     history = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert history and {"step", "train_loss", "val_rmse", "grad_evals"} <= set(history[0])

@@ -23,8 +23,12 @@ def build_optimizer(name: str, params: Iterable[torch.Tensor], lr: float, **kwar
 
 
 def optimizer_diagnostics(opt: torch.optim.Optimizer) -> dict[str, Any]:
-    """FlowAdam's ``diagnostics()`` where the optimizer has it, else an empty dict."""
+    """FlowAdam's ``diagnostics()`` where the optimizer has it, else an empty dict; with the
+    preset it ran (``mode``), which the artifact would not show when the default was taken."""
     diag = getattr(opt, "diagnostics", None)
     if callable(diag):
-        return {k: (v.item() if isinstance(v, torch.Tensor) else v) for k, v in diag().items()}
+        out = {k: (v.item() if isinstance(v, torch.Tensor) else v) for k, v in diag().items()}
+        if "mode" in opt.defaults:
+            out["preset"] = opt.defaults["mode"]
+        return out
     return {}
