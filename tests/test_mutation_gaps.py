@@ -1,10 +1,12 @@
 """Tests that pin what mutation testing found unpinned (issue 16).
 
-Each test here failed on a hand-seeded one-line bug that every other test let through:
-FlowAdam's plateau boundary, the dopri5 tableau (its nodes and its embedded weights), the
-frequency weights the trainer builds, the Jester Dataset 2 "not rated" sentinel, and
-validation during training honouring ``clip_predictions``. ``bench/mutation.sh`` looks for
-the next such gap.
+Each test here fails on one-line bugs that every other test let through. First the six that
+were seeded by hand: FlowAdam's plateau boundary, the dopri5 tableau (a node and an embedded
+weight), the frequency weights the trainer builds, the Jester Dataset 2 "not rated" sentinel,
+and validation during training honouring ``clip_predictions``. Then the survivors of a mutmut
+run (``bench/mutation.sh``, see README "Development"): the trigger thresholds and their
+disabled state, dopri5's error norm, starting step, step budget and failure messages,
+validation of cp models in their contexts, and the early-stopping record and its agreement.
 """
 
 from __future__ import annotations
@@ -18,8 +20,7 @@ import torch
 
 from recsys_flowadam.data import DataError, load_dataset
 from recsys_flowadam.data.ratings import Ratings, RatingScale
-from recsys_flowadam.optim import FlowAdam
-from recsys_flowadam.optim import ode
+from recsys_flowadam.optim import FlowAdam, ode
 from recsys_flowadam.optim.flowadam import PLATEAU, STIFF, trigger_code
 from recsys_flowadam.train import TrainConfig, evaluate_predictor, train_model
 
@@ -28,7 +29,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 F64 = torch.float64
 
 
-# --------------------------------------------------------------- FlowAdam's trigger boundaries
+# ---------------------------------------- FlowAdam: the trigger rule, its statistics, injection
 
 
 def _code(n: float, c: float, n_bar: float, c_bar: float, switch: float, curvature: float) -> int:
@@ -136,7 +137,7 @@ def test_gradient_statistics_of_half_precision_gradients_are_in_the_stat_dtype()
     assert all(torch.equal(p, q) for p, q in zip(prev, g))  # g_prev <- g
 
 
-# ------------------------------------------------------------------------- the dopri5 tableau
+# ------------------------------------- dopri5: tableau, error norm, step control, failures
 
 
 def _as_fraction(x: float) -> Fraction:
