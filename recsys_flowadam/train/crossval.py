@@ -137,12 +137,12 @@ def _save_fold(out_dir: Path, data: DataConfig, config: TrainConfig, fit: Fit, t
                edges: list[float] | None) -> None:
     """Write the fold's artifact and metric history, with the metadata ``train`` records."""
     from recsys_flowadam.train.export import artifact_payload
-    from recsys_flowadam.train.pipeline import _artifact_train_config, _metric_block, _run_metrics, save_or_rescue
+    from recsys_flowadam.train.pipeline import artifact_train_config, metric_block, run_metrics, save_or_rescue
 
-    metrics = {**fit.metrics, **_metric_block("test", test), **_run_metrics(fit.result)}
+    metrics = {**fit.metrics, **metric_block("test", test), **run_metrics(fit.result)}
     tensors, meta = artifact_payload(fit.result, fit.fit_ratings, dataset_name=data.dataset, split=data.split,
                                      seed=config.seed, metrics=metrics,
-                                     train_config=_artifact_train_config(data, config, fit.result, edges))
+                                     train_config=artifact_train_config(data, config, fit.result, edges))
     save_or_rescue(out_dir, tensors, meta, fit.result.history)
 
 

@@ -67,7 +67,8 @@ def load_split(data: DataSettings, seed: int, context_edges: list[float] | None 
     return ratings, split, context_edges
 
 
-def _metric_block(prefix: str, m: dict) -> dict[str, Any]:
+def metric_block(prefix: str, m: dict) -> dict[str, Any]:
+    """An evaluation's figures under ``<prefix>_rmse``/``_mae``/``n_<prefix>`` (and its cold breakdown)."""
     out = {f"{prefix}_rmse": m["rmse"], f"{prefix}_mae": m["mae"], f"n_{prefix}": m["n"]}
     for cold in ("cold_users", "cold_items"):
         if cold in m:
@@ -138,7 +139,7 @@ def fit_and_score(train: Ratings, val: Ratings | None, config: TrainConfig, *,
     if not main:
         pass  # rank 0 evaluates
     elif val is not None and len(val):
-        metrics.update(_metric_block("val", evaluate_ratings(result.predictor, val, torch.device(result.device),
+        metrics.update(metric_block("val", evaluate_ratings(result.predictor, val, torch.device(result.device),
                                                              clip=config.clip_predictions,
                                                              use_contexts=config.model == "cp")))
     else:
@@ -150,7 +151,8 @@ def fit_and_score(train: Ratings, val: Ratings | None, config: TrainConfig, *,
     return Fit(result, fit_ratings, metrics, main)
 
 
-def _run_metrics(result: TrainResult) -> dict[str, Any]:
+def run_metrics(result: TrainResult) -> dict[str, Any]:
+    """What a run's metrics record of the run itself: steps, stopping, evaluations, time, final loss."""
     return {"steps": result.steps, "best_step": result.best_step, "grad_evals": result.grad_evals,
             "stopped": result.stopped, "train_seconds": result.train_seconds,
             "final_train_loss": result.history[-1]["train_loss"] if result.history else None}
@@ -170,12 +172,12 @@ def in_memory_artifact(fit: Fit, *, dataset_name: str, split: str, extra_config:
 
     config = fit.result.config
     tensors, meta = artifact_payload(fit.result, fit.fit_ratings, dataset_name=dataset_name, split=split,
-                                     seed=config.seed, metrics={**fit.metrics, **_run_metrics(fit.result)},
+                                     seed=config.seed, metrics={**fit.metrics, **run_metrics(fit.result)},
                                      train_config={**config.to_dict(), **extra_config, **_used(fit.result)})
     return make_artifact(tensors, meta)
 
 
-def _artifact_train_config(data: DataSettings, config: TrainConfig, result: TrainResult,
+def artifact_train_config(data: DataSettings, config: TrainConfig, result: TrainResult,
                            edges: list[float] | None) -> dict[str, Any]:
     """The ``train_config`` the artifact records: the config plus data settings and what was used."""
     return {**config.to_dict(), "dataset": data.dataset, "split": data.split, "data_dir": None,
@@ -229,13 +231,13 @@ def train_and_save(
     if not fit.main:
         return {"rank": dctx.rank, "world_size": dctx.world_size, "out": str(out_dir)}
     result, metrics = fit.result, fit.metrics
-    metrics.update(_metric_block("test", evaluate_ratings(result.predictor, split.test, torch.device(result.device),
+    metrics.update(metric_block("test", evaluate_ratings(result.predictor, split.test, torch.device(result.device),
                                                           clip=config.clip_predictions,
                                                           use_contexts=config.model == "cp")))
-    metrics.update(_run_metrics(result))
+    metrics.update(run_metrics(result))
     tensors, meta = artifact_payload(result, fit.fit_ratings, dataset_name=data.dataset, split=data.split,
                                      seed=config.seed, metrics=metrics,
-                                     train_config=_artifact_train_config(data, config, result, edges))
+                                     train_config=artifact_train_config(data, config, result, edges))
     saved = save_or_rescue(out_dir, tensors, meta, result.history)
     return _summary(data, config, split, metrics, result, saved, t_start, dctx)
 
