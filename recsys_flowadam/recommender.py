@@ -32,8 +32,8 @@ class Recommender:
     Constructor keywords are training settings (``model``, ``optimizer``, ``rank``, ``reg``, ``lr``,
     ``steps``, ``patience``, ``seed``, ...; see ``recsys-flowadam train --help``); unset ones keep
     the configuration's defaults. Fitted attributes end in ``_``: ``config_`` (the validated
-    configuration), ``artifact_``, ``n_users_``, ``n_items_``, ``best_val_rmse_``, ``history_``,
-    ``grad_evals_``, ``train_seconds_``.
+    configuration, reg as chosen), ``reg_search_`` (how reg was chosen), ``artifact_``, ``n_users_``,
+    ``n_items_``, ``best_val_rmse_``, ``history_``, ``grad_evals_``, ``train_seconds_``.
     """
 
     def __init__(self, **settings: Any) -> None:
@@ -83,14 +83,24 @@ class Recommender:
         rating scale ``(min, max)`` for DataFrames (default: the observed range); ``duplicates``:
         what to do with a repeated (user, item) pair in DataFrames: ``error``, ``first``, ``last``
         or ``mean``.
+
+        With ``reg`` unset and ``tune`` on (the defaults), ``reg`` is chosen on the validation part
+        (``train.reg_search``); without ``val``, one is carved from ``ratings`` for the search and
+        early stopping (12.5%, drawn with ``seed``) when ``refit`` is on, so the final model still
+        fits every rating; otherwise reg takes its default and a warning says so.
         """
         from recsys_flowadam.train.config import training_config
         from recsys_flowadam.train.pipeline import fit_and_score, in_memory_artifact
 
         config = training_config(self._settings)
         train, val_ratings, id_types = _as_ratings(ratings, val, scale, duplicates)
+        carved = val_ratings is None and _wants_carved_validation(train, config)
+        if carved:
+            train, val_ratings = _carve_validation(train, config.seed)
         fit = fit_and_score(train, val_ratings, config, progress=progress)
-        self.config_ = config
+        fit.reg_search["validation"] = "carved from ratings" if carved else "given" if val is not None else "none"
+        self.config_ = fit.config
+        self.reg_search_ = fit.reg_search
         self._attach(in_memory_artifact(fit, dataset_name=train.name, split="given",
                                         extra_config={"id_types": id_types}))
         result = fit.result
@@ -211,6 +221,33 @@ def _as_ratings(ratings: Any, val: Any, scale: tuple[float, float] | None,
     train = both.subset(np.arange(n_train), name=both.name)
     val_ratings = None if val is None else both.subset(np.arange(n_train, len(both)), name=f"{both.name}:val")
     return train, val_ratings, id_types
+
+
+def _wants_carved_validation(train: Ratings, config: Any) -> bool:
+    """Whether ``fit`` without ``val`` carves one for the reg search (see ``fit``); warns when the
+    search would have run but cannot (refit off: the carved ratings would never be fitted)."""
+    import warnings
+
+    from recsys_flowadam.train.reg_search import skip_reason
+
+    if skip_reason(config, len(train), n_val=1, distributed=False) is not None:
+        return False
+    if not config.refit:
+        warnings.warn("fit: reg is unset and no val was given; with refit off no validation part is carved, so "
+                      "reg takes its default (give val, or reg, or leave refit on)", stacklevel=3)
+        return False
+    return len(train) >= 16  # a part of at least 2 ratings to validate on
+
+
+def _carve_validation(train: Ratings, seed: int) -> tuple[Ratings, Ratings]:
+    """``(train, val)``: ``VAL_OF_TRAIN`` of the ratings drawn with ``seed`` as validation, as the
+    data layer carves one from a fixed train part."""
+    from recsys_flowadam.data.splits import VAL_OF_TRAIN
+
+    perm = np.random.default_rng(seed).permutation(len(train))
+    n_val = int(round(VAL_OF_TRAIN * len(train)))
+    return (train.subset(np.sort(perm[n_val:]), name=train.name),
+            train.subset(np.sort(perm[:n_val]), name=f"{train.name}:val"))
 
 
 def _check_frame(frame: Any, what: str):

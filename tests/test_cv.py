@@ -107,7 +107,7 @@ def test_table_one_fold_and_default_report_path(tmp_path, capsys, monkeypatch):
     assert main(["cv", *SYN, "--optimizer", "adam", "--folds", "kfold:3:2"]) == 0
     out = capsys.readouterr().out.splitlines()
     assert out[0].startswith("synthetic: biased-mf + adam, seed 0, 1 folds")
-    assert out[1].split() == ["fold", "test", "RMSE", "test", "MAE", "steps", "seconds"]
+    assert out[1].split() == ["fold", "test", "RMSE", "test", "MAE", "steps", "seconds", "reg"]
     report = _strict((tmp_path / "reports" / "cv-synthetic-biased-mf-adam.json").read_text())
     row = report["per_fold"][0]
     assert out[2].split()[:4] == ["kfold:3:2", f"{row['test_rmse']:.4f}", f"{row['test_mae']:.4f}", str(row["steps"])]

@@ -382,7 +382,7 @@ def test_trainer_frequency_weights_are_each_rows_share_of_the_ratings(model):
 
 
 def test_uniform_reg_weighting_builds_no_weights():
-    cfg = TrainConfig(model="mf", rank=2, reg=0.3, optimizer="adam", steps=1, dtype="float64")
+    cfg = TrainConfig(model="mf", rank=2, reg=0.3, reg_weighting="uniform", optimizer="adam", steps=1, dtype="float64")
     assert train_model(_skewed_ratings(with_contexts=False), None, cfg).objective.weights is None
 
 

@@ -56,6 +56,7 @@ def test_train_writes_artifact_and_evaluate_agrees(tmp_path, capsys):
 def test_recipe_is_read_and_flags_override_it(tmp_path, capsys):
     recipe = tmp_path / "r.toml"
     recipe.write_text('model = "mf"\nrank = 2\noptimizer = "flowadam"\nlr = 0.05\nsteps = 15\neval-every = 5\n'
+                      'refit = false\n'
                       'dataset = "synthetic"\n[data_options]\nn_users = 60\nn_items = 40\nrank = 2\n'
                       'density = 0.4\n[optimizer_options]\nmode = "A"\n')
     out = tmp_path / "a"
@@ -132,8 +133,8 @@ def test_ml100k_u1_trains_and_evaluates(real_data_dir, tmp_path, capsys):
     out = tmp_path / "ml"
     s = _run_json(capsys, ["train", "--dataset", "ml-100k", "--data-dir", str(real_data_dir), "--offline",
                            "--split", "u1", "--model", "biased-mf", "--optimizer", "adam", "--rank", "10",
-                           "--reg", "0.0003", "--bias-reg", "0", "--lr", "0.03", "--steps", "100",
-                           "--threads", "1", "--out", str(out), "--json"])
+                           "--reg", "0.0003", "--bias-reg", "0", "--reg-weighting", "uniform", "--no-refit",
+                           "--lr", "0.03", "--steps", "100", "--threads", "1", "--out", str(out), "--json"])
     assert s["n_train"] + s["n_val"] == 80_000 and s["n_test"] == 20_000
     assert s["test_rmse"] < 1.0  # the global-mean baseline is ~1.15 on u1
     from recsys_flowadam.artifact import load_artifact
@@ -166,7 +167,7 @@ def test_refit_trains_on_train_plus_val(tmp_path, capsys):
     from recsys_flowadam.artifact import load_artifact
 
     args = ["train", *SYN, "--optimizer", "adam", "--steps", "60", "--eval-every", "5", "--patience", "3", "--json"]
-    plain = _run_json(capsys, [*args, "--out", str(tmp_path / "plain")])
+    plain = _run_json(capsys, [*args, "--no-refit", "--out", str(tmp_path / "plain")])
     refit = _run_json(capsys, [*args, "--refit", "--out", str(tmp_path / "refit")])
     assert refit["refit"] and not plain["refit"]
     assert refit["val_rmse"] == plain["val_rmse"]  # the first (early-stopping) run is the same

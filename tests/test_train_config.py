@@ -113,7 +113,8 @@ def test_conflicting_flags_and_missing_dataset_are_errors_before_loading_data(ca
 
 def test_help_shows_the_models_defaults(capsys):
     text = _train_help(capsys)
-    assert "--rank RANK number of latent factors (default 20)" in text
+    assert "--rank RANK number of latent factors (default 50)" in text
+    assert "--tune, --no-tune" in text and "(default on)" in text
     shown = 0
     for model in (TrainConfig, DataConfig, FlowAdamOptions):
         for name, info in model.__pydantic_fields__.items():
@@ -183,7 +184,7 @@ def test_train_config_python_api_is_unchanged():
         "model", "rank", "init_std", "reg", "bias_reg", "reg_weighting", "loss", "huber_delta", "center", "cp_biases",
         "optimizer", "lr", "optimizer_kwargs", "steps", "epochs", "batch_size", "eval_every", "patience", "min_delta",
         "seed", "device", "representation", "memory_budget_gb", "dtype", "checkpoint_every", "clip_predictions",
-        "refit"]
+        "refit", "tune", "tune_max_ratings"]
     assert dataclasses.replace(config, steps=7, epochs=None).steps == 7
     assert TrainConfig(**config.to_dict()) == config
     assert TrainConfig.DEFAULT_STEPS == 2000 and "DEFAULT_STEPS" not in config.to_dict()

@@ -187,7 +187,7 @@ def _cli_args(data_dir, out: Path) -> list[str]:
     return ["train", "--dataset", "ml-100k", "--data-dir", str(data_dir), "--offline", "--split", "u1",
             "--model", "biased-mf", "--optimizer", "adam", "--rank", "8", "--lr", "0.02", "--reg", "0.0001",
             "--seed", "0", "--device", "cpu", "--eval-every", "100000", "--patience", "0", "--threads", "1",
-            "--checkpoint-every", "5", "--out", str(out), "--json"]
+            "--checkpoint-every", "5", "--no-refit", "--out", str(out), "--json"]
 
 
 def _fail_one_rank(args: list[str], ckpt: Path, sig: int, timeout_s: int) -> tuple[int, str, float]:

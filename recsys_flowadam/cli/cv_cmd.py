@@ -26,7 +26,7 @@ DESCRIPTION = (
     "stopping on the fold's validation part, refit as the settings say) and score the fold's test part "
     "exactly as `train --split FOLD` does. Prints RMSE, MAE, steps and seconds per fold and their mean +- std "
     "(sample std), and writes the report as JSON. The recipe's split is ignored: --folds names the folds.")
-TABLE = "{:<12} {:>15} {:>15} {:>7} {:>15}"
+TABLE = "{:<12} {:>15} {:>15} {:>7} {:>15} {:>8}"
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -126,7 +126,7 @@ def _run(args: argparse.Namespace, config: TrainConfig, data: DataConfig, folds:
         if not args.json:
             print(f"{data.dataset}: {config.model} + {config.optimizer}, seed {config.seed}, {len(folds)} folds",
                   flush=True)
-            print(TABLE.format("fold", "test RMSE", "test MAE", "steps", "seconds"), flush=True)
+            print(TABLE.format("fold", "test RMSE", "test MAE", "steps", "seconds", "reg"), flush=True)
         return cross_validate(data, config, folds, save_models=save_models, progress=not args.json,
                               on_fold=None if args.json else _print_row)
     except CrossValidationError as exc:
@@ -134,8 +134,9 @@ def _run(args: argparse.Namespace, config: TrainConfig, data: DataConfig, folds:
 
 
 def _print_row(row: dict[str, Any]) -> None:
+    # reg: as given, or as chosen on the fold's validation part (the report's reg_search has the table)
     print(TABLE.format(row["fold"], f"{row['test_rmse']:.4f}", f"{row['test_mae']:.4f}", row["steps"],
-                       f"{row['seconds']:.2f}"), flush=True)
+                       f"{row['seconds']:.2f}", f"{row['reg']:g}"), flush=True)
 
 
 def _pm(stat: dict[str, float | None], digits: int) -> str:
@@ -146,6 +147,6 @@ def _pm(stat: dict[str, float | None], digits: int) -> str:
 
 def _print_totals(report: dict[str, Any]) -> None:
     print(TABLE.format("mean ± std", _pm(report["test_rmse"], 4), _pm(report["test_mae"], 4), "",
-                       _pm(report["seconds"], 2)))
+                       _pm(report["seconds"], 2), ""))
     print(f"data loaded in {report['load_seconds']:.2f} s, torch warm-up {report['warm_up_seconds']:.2f} s, "
           f"total {report['total_seconds']:.2f} s; report: {report['out']}")

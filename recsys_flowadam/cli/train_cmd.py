@@ -302,5 +302,9 @@ def _print_summary(s: dict[str, Any]) -> None:
         print(f"  path: {choice['representation']}{batch} ({choice['reason']})")
     print(f"  steps {s['steps']} (best {s['best_step']}, {s['stopped']}), grad evals {s['grad_evals']}, "
           f"ODE triggers {s['ode_triggers']}, train {s['train_seconds']:.2f} s, total {s['total_seconds']:.2f} s")
+    if s.get("reg_search"):
+        from recsys_flowadam.train.reg_search import describe
+
+        print(f"  {describe(s['reg_search'])}")
     print(f"  val RMSE {f(s['val_rmse'])}   test RMSE {f(s['test_rmse'])}   test MAE {f(s['test_mae'])}")
     print(f"  artifact: {s['out']}")

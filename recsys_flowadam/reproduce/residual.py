@@ -24,8 +24,10 @@ def fit_biases(split, seed: int, device: torch.device, progress: bool = False, m
     """Stage 1: mu + b_u + b_i by Adam with early stopping; returns a function coords -> bias prediction."""
     from recsys_flowadam.train import TrainConfig, train_model
 
-    cfg = TrainConfig(model="biased-mf", rank=1, init_std=0.0, reg=BIAS_REG, optimizer="adam", lr=BIAS_LR,
-                      steps=max_steps, eval_every=10, patience=10, seed=seed, device=str(device), center=True)
+    # every setting that shapes the run is pinned, so later changes of train's defaults leave it alone
+    cfg = TrainConfig(model="biased-mf", rank=1, init_std=0.0, reg=BIAS_REG, bias_reg=BIAS_REG, reg_weighting="uniform",
+                      optimizer="adam", lr=BIAS_LR, steps=max_steps, eval_every=10, patience=10, seed=seed,
+                      device=str(device), center=True, refit=False, tune=False)
     res = train_model(split.train, split.val, cfg, progress=progress)
     bu, bi, mu = res.params["user_bias"], res.params["item_bias"], res.objective.offset
 

@@ -66,19 +66,30 @@ class TrainConfig:
     the best parameters (``patience=0``: never stop early, still restore the best).
     ``refit``: then train again from the same seed on train + validation ratings for the
     best step count (no early stopping; the reported validation metrics are the first run's).
+    ``reg`` unset: with ``tune`` and at most ``tune_max_ratings`` training ratings, the training
+    jobs (``pipeline.fit_and_score``) choose it on the validation part (``reg_search``); otherwise
+    it is ``REG_PER_STD`` times the training ratings' standard deviation.
     """
 
     DEFAULT_STEPS: ClassVar[int] = 2000
+    # an unset reg: this many times the training ratings' standard deviation (frequency-weighted
+    # L2; the factors' best weight grows with the rating scale, see train.reg_search)
+    REG_PER_STD: ClassVar[float] = 0.12
+    DEFAULT_BIAS_REG: ClassVar[float] = 0.01  # an unset bias_reg when reg is unset too (scale-free)
 
-    model: Literal["mf", "biased-mf", "cp"] = Field(
+    model: Literal["mf", "biased-mf", "cp", "svdpp", "time-mf"] = Field(
         "biased-mf", description="mf (r = u.v), biased-mf (plus user and item biases) or cp (a third, context mode)")
-    rank: int = Field(20, ge=1, description="number of latent factors")
+    rank: int = Field(50, ge=1, description="number of latent factors")
     init_std: float = Field(0.1, ge=0, allow_inf_nan=False, description="factor init N(0, s^2); 0.1 is the paper's")
-    reg: float = Field(0.0, ge=0, allow_inf_nan=False, description="L2 weight on the factors")
+    reg: float | None = Field(
+        None, ge=0, allow_inf_nan=False,
+        description="L2 weight on the factors; unset: chosen on the validation part (see tune), else "
+                    f"{REG_PER_STD} x the training ratings' standard deviation")
     bias_reg: float | None = Field(
-        None, ge=0, allow_inf_nan=False, description="L2 weight on the biases; unset: the same as reg")
+        None, ge=0, allow_inf_nan=False,
+        description=f"L2 weight on the biases; unset: the same as reg when reg is given, else {DEFAULT_BIAS_REG}")
     reg_weighting: Literal["uniform", "frequency"] = Field(
-        "uniform", description="uniform L2, or each row's L2 weighted by its share of the ratings (weighted-lambda)")
+        "frequency", description="uniform L2, or each row's L2 weighted by its share of the ratings (weighted-lambda)")
     loss: Literal["mse", "huber"] = Field("mse", description="training loss")
     huber_delta: float = Field(1.0, gt=0, allow_inf_nan=False, description="Huber threshold")
     center: bool | None = Field(
@@ -86,7 +97,7 @@ class TrainConfig:
     cp_biases: bool = Field(False, description="cp with user and item biases")
     optimizer: str = Field(
         "flowadam", min_length=1, description="flowadam, adam, adamw, sgd, lion, adabelief, lbfgs, ...")
-    lr: float = Field(0.01, gt=0, allow_inf_nan=False, description="learning rate")
+    lr: float = Field(0.02, gt=0, allow_inf_nan=False, description="learning rate")
     optimizer_kwargs: dict[str, Any] = Field(
         default_factory=dict, description="extra optimizer keyword (e.g. weight_decay=0.01); FlowAdam's knobs "
                                           "have their own settings")
@@ -95,7 +106,8 @@ class TrainConfig:
                                 f"per batch); unset: {DEFAULT_STEPS} unless epochs is set")
     epochs: int | None = Field(None, ge=1, description="max passes over the data")
     batch_size: int | None = Field(None, ge=1, description="mini-batch size; unset: full batch")
-    eval_every: int = Field(10, ge=1, description="evaluate on the validation ratings every N steps")
+    eval_every: int | None = Field(None, ge=1, description="evaluate on the validation ratings every N steps; "
+                                   "unset: 10, or about 4 times an epoch on the automatic mini-batch path")
     patience: int = Field(10, ge=0, description="early stop after N evaluations without improvement, 0: never; "
                                                 "the best parameters are kept either way")
     min_delta: float = Field(0.0, ge=0, allow_inf_nan=False,
@@ -111,8 +123,13 @@ class TrainConfig:
     dtype: Literal["float32", "float64"] = Field("float32", description="parameter and data precision")
     checkpoint_every: int = Field(0, ge=0, description="write <out>/checkpoint.safetensors every N steps, 0: never")
     clip_predictions: bool = Field(True, description="clip evaluated predictions to the rating scale")
-    refit: bool = Field(False, description="after early stopping, retrain on train + validation for the best "
-                                           "step count")
+    refit: bool = Field(True, description="after early stopping, retrain on train + validation for the best "
+                                          "step count")
+    tune: bool = Field(True, description="with reg unset: choose it on the validation part from a small geometric "
+                                         "grid of early-stopped runs (train.reg_search)")
+    tune_max_ratings: int = Field(
+        1_000_000, ge=0, description="search reg only up to this many training ratings; above, an unset reg "
+                                     "takes its default (the search costs 3-6 training runs)")
 
     def __post_init__(self) -> None:
         if self.representation == "minibatch" and self.batch_size is None:
@@ -120,7 +137,14 @@ class TrainConfig:
 
     @property
     def effective_bias_reg(self) -> float:
-        return self.reg if self.bias_reg is None else self.bias_reg
+        if self.bias_reg is not None:
+            return self.bias_reg
+        return self.DEFAULT_BIAS_REG if self.reg is None else self.reg
+
+    def reg_for(self, rating_std: float) -> float:
+        """The factors' L2 weight: ``reg``, or when unset the default for ratings of this standard
+        deviation (3 significant digits)."""
+        return self.reg if self.reg is not None else default_reg(rating_std)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -173,6 +197,12 @@ class FlowAdamOptions:
         None, description="how the flow's displacement enters Adam's first moment")
     warmup_steps: int | None = Field(None, ge=0, description="steps before the ODE branch may trigger")
     stat_beta: float | None = Field(None, ge=0, lt=1, description="EMA factor of the gradient norm statistics")
+
+
+def default_reg(rating_std: float) -> float:
+    """An unset reg's value for training ratings of standard deviation ``rating_std``: scaling
+    the ratings by c scales the best factor weight by c (the loss by c^2, the factors by sqrt(c))."""
+    return float(f"{TrainConfig.REG_PER_STD * max(rating_std, 1e-12):.3g}")
 
 
 def _fields(*models: type) -> Mapping[str, tuple[type, FieldInfo]]:

@@ -114,6 +114,7 @@ def _fold_row(fold: str, split: Split, fit: Fit, test: dict[str, Any], seconds: 
         "train_seconds": round(result.train_seconds, 4), "seconds": round(seconds, 4),
         "refit": bool(result.extra.get("refit")), "representation": result.representation,
         "path_choice": result.path_choice, "device": result.device,
+        "reg": fit.config.reg, "bias_reg": fit.config.bias_reg, "reg_search": fit.reg_search,
     }
 
 
@@ -128,21 +129,21 @@ def run_fold(ratings: Ratings, fold: str, data: DataConfig, config: TrainConfig,
                             clip=config.clip_predictions, use_contexts=config.model == "cp")
     row = _fold_row(fold, split, fit, test, time.perf_counter() - t0)
     if save_to is not None:
-        _save_fold(save_to, replace(data, split=fold), config, fit, test, edges)
+        _save_fold(save_to, replace(data, split=fold), fit, test, edges)
         row["artifact"] = str(save_to)
     return row
 
 
-def _save_fold(out_dir: Path, data: DataConfig, config: TrainConfig, fit: Fit, test: dict[str, Any],
-               edges: list[float] | None) -> None:
+def _save_fold(out_dir: Path, data: DataConfig, fit: Fit, test: dict[str, Any], edges: list[float] | None) -> None:
     """Write the fold's artifact and metric history, with the metadata ``train`` records."""
     from recsys_flowadam.train.export import artifact_payload
     from recsys_flowadam.train.pipeline import artifact_train_config, metric_block, run_metrics, save_or_rescue
 
     metrics = {**fit.metrics, **metric_block("test", test), **run_metrics(fit.result)}
     tensors, meta = artifact_payload(fit.result, fit.fit_ratings, dataset_name=data.dataset, split=data.split,
-                                     seed=config.seed, metrics=metrics,
-                                     train_config=artifact_train_config(data, config, fit.result, edges))
+                                     seed=fit.config.seed, metrics=metrics,
+                                     train_config=artifact_train_config(data, fit.config, fit.result, edges,
+                                                                        fit.reg_search))
     save_or_rescue(out_dir, tensors, meta, fit.result.history)
 
 

@@ -83,6 +83,8 @@ def evaluate_ratings(predictor: Predictor, ratings: Ratings, device: torch.devic
     items = torch.from_numpy(ratings.items).to(device)
     values = torch.from_numpy(ratings.values).to(device=device, dtype=torch.float64)
     contexts = torch.from_numpy(ratings.contexts).to(device) if use_contexts and ratings.contexts is not None else None
+    if predictor.time is not None:  # time-mf reads the timestamps (none: it predicts at its `now`)
+        contexts = None if ratings.timestamps is None else torch.from_numpy(ratings.timestamps).to(device)
     return evaluate_predictor(predictor, users, items, values, contexts, clip=clip, breakdown=breakdown)
 
 
@@ -97,6 +99,7 @@ def _merge_refit(first: TrainResult, refit: TrainResult, n_fit: int) -> TrainRes
     refit.history = first.history + [{**h, "phase": "refit"} for h in refit.history]
     refit.extra["refit"] = {"steps": refit.steps, "n_ratings": n_fit}
     refit.best_step, refit.stopped, refit.steps = first.best_step, first.stopped, first.steps + refit.steps
+    refit.best_val_rmse, refit.resumed_from = first.best_val_rmse, first.resumed_from  # the refit has no val
     return refit
 
 
@@ -116,24 +119,37 @@ def _refit(first: TrainResult, train: Ratings, val: Ratings | None, config: Trai
 @dataclass
 class Fit:
     """A finished training job: its result (refit included), the ratings the final model was
-    fitted on and the metrics so far; ``main``: this process evaluates and saves (rank 0)."""
+    fitted on and the metrics so far; ``main``: this process evaluates and saves (rank 0);
+    ``config``: the job's settings with ``reg`` (and ``bias_reg`` when reg was unset) resolved,
+    what the artifact records; ``reg_search``: how reg was chosen (``RegSearch.to_dict()``)."""
 
     result: TrainResult
     fit_ratings: Ratings
     metrics: dict[str, Any]
     main: bool
+    config: TrainConfig | None = None
+    reg_search: dict[str, Any] | None = None
 
 
 def fit_and_score(train: Ratings, val: Ratings | None, config: TrainConfig, *,
                   checkpoint_path: Path | None = None, resume: bool = False, progress: bool = False,
                   on_step: Callable[[int], None] | None = None, data_identity: dict[str, Any] | None = None) -> Fit:
-    """Train (early-stopping on ``val``), score the validation part, refit when asked: the part of
-    the ``train`` command after the data is loaded, shared with the Python API."""
+    """Choose an unset ``reg`` on ``val`` (``reg_search``), train (early-stopping on ``val``), score
+    the validation part, refit when asked: the part of the ``train`` command after the data is
+    loaded, shared with ``cv`` and the Python API. The search's best run is the first run, unless
+    checkpoints or ``on_step`` are asked for: then the chosen value is trained again with them."""
     from recsys_flowadam.train.distributed import current as current_distributed
+    from recsys_flowadam.train.reg_search import choose_reg
 
-    result = train_model(train, val, config, checkpoint_path=checkpoint_path, resume=resume, progress=progress,
-                         on_step=on_step, data_identity=data_identity)
     dctx = current_distributed()
+    config, search, chosen = choose_reg(train, val, config, distributed=dctx is not None,
+                                        run=lambda c: train_model(train, val, c, progress=progress))
+    checkpointing = checkpoint_path is not None and (config.checkpoint_every > 0 or resume)
+    if chosen is None or checkpointing or on_step is not None:
+        result = train_model(train, val, config, checkpoint_path=checkpoint_path, resume=resume, progress=progress,
+                             on_step=on_step, data_identity=data_identity)
+    else:
+        result = chosen
     main = dctx is None or dctx.is_main
     metrics: dict[str, Any] = {"n_train": len(train)}
     if not main:
@@ -148,7 +164,7 @@ def fit_and_score(train: Ratings, val: Ratings | None, config: TrainConfig, *,
     result, fit_ratings = _refit(result, train, val, config, progress)
     if fit_ratings is not train:
         metrics["n_train_refit"] = len(fit_ratings)
-    return Fit(result, fit_ratings, metrics, main)
+    return Fit(result, fit_ratings, metrics, main, config, search.to_dict())
 
 
 def run_metrics(result: TrainResult) -> dict[str, Any]:
@@ -170,24 +186,27 @@ def in_memory_artifact(fit: Fit, *, dataset_name: str, split: str, extra_config:
     """The artifact of a fit, checked as a saved one is, held in memory (the Python API's model)."""
     from recsys_flowadam.artifact import make_artifact
 
-    config = fit.result.config
+    config = fit.config or fit.result.config
     tensors, meta = artifact_payload(fit.result, fit.fit_ratings, dataset_name=dataset_name, split=split,
                                      seed=config.seed, metrics={**fit.metrics, **run_metrics(fit.result)},
-                                     train_config={**config.to_dict(), **extra_config, **_used(fit.result)})
+                                     train_config={**config.to_dict(), **extra_config, **_used(fit.result),
+                                                   "reg_search": fit.reg_search})
     return make_artifact(tensors, meta)
 
 
 def artifact_train_config(data: DataSettings, config: TrainConfig, result: TrainResult,
-                           edges: list[float] | None) -> dict[str, Any]:
-    """The ``train_config`` the artifact records: the config plus data settings and what was used."""
+                           edges: list[float] | None, reg_search: dict[str, Any] | None = None) -> dict[str, Any]:
+    """The ``train_config`` the artifact records: the config (``Fit.config``: reg as chosen) plus
+    data settings, what was used, and how reg was chosen (``Fit.reg_search``)."""
     return {**config.to_dict(), "dataset": data.dataset, "split": data.split, "data_dir": None,
             "data_options": data.data_options, "clip_ratings": data.clip_ratings,
-            "context": data.context, "context_edges": edges, **_used(result)}
+            "context": data.context, "context_edges": edges, **_used(result), "reg_search": reg_search}
 
 
-def _summary(data: DataSettings, config: TrainConfig, split: Split, metrics: dict[str, Any], result: TrainResult,
-             out_dir: Path, t_start: float, dctx: DistContext | None) -> dict[str, Any]:
+def _summary(data: DataSettings, fit: Fit, split: Split, metrics: dict[str, Any], out_dir: Path, t_start: float,
+             dctx: DistContext | None) -> dict[str, Any]:
     """The summary ``train --json`` prints."""
+    config, result = fit.config, fit.result
     diag = result.diagnostics
     return {
         "dataset": data.dataset, "model": config.model, "optimizer": config.optimizer, "split": data.split,
@@ -200,6 +219,7 @@ def _summary(data: DataSettings, config: TrainConfig, split: Split, metrics: dic
         "device": result.device, "representation": result.representation, "path_choice": result.path_choice,
         "resumed_from": result.resumed_from, "refit": bool(result.extra.get("refit")), "out": str(out_dir),
         "world_size": 1 if dctx is None else dctx.world_size,
+        "reg": config.reg, "bias_reg": config.bias_reg, "reg_search": fit.reg_search,
     }
 
 
@@ -230,16 +250,16 @@ def train_and_save(
                         progress=progress, on_step=on_step, data_identity=identity)
     if not fit.main:
         return {"rank": dctx.rank, "world_size": dctx.world_size, "out": str(out_dir)}
-    result, metrics = fit.result, fit.metrics
+    result, metrics, config = fit.result, fit.metrics, fit.config
     metrics.update(metric_block("test", evaluate_ratings(result.predictor, split.test, torch.device(result.device),
                                                           clip=config.clip_predictions,
                                                           use_contexts=config.model == "cp")))
     metrics.update(run_metrics(result))
     tensors, meta = artifact_payload(result, fit.fit_ratings, dataset_name=data.dataset, split=data.split,
                                      seed=config.seed, metrics=metrics,
-                                     train_config=artifact_train_config(data, config, result, edges))
+                                     train_config=artifact_train_config(data, config, result, edges, fit.reg_search))
     saved = save_or_rescue(out_dir, tensors, meta, result.history)
-    return _summary(data, config, split, metrics, result, saved, t_start, dctx)
+    return _summary(data, fit, split, metrics, saved, t_start, dctx)
 
 
 def save_or_rescue(out_dir: Path, tensors: dict[str, Any], meta: dict[str, Any],
@@ -281,9 +301,14 @@ def predictor_from_artifact(artifact, device: torch.device) -> Predictor:
     def on_device(arr: np.ndarray) -> torch.Tensor:
         return torch.from_numpy(np.array(arr)).to(device)  # a writable copy of the (read-only) mapping
 
+    time = None
+    if rule.time is not None:
+        from recsys_flowadam.models.timeaware import torch_axis
+
+        time = torch_axis(rule.time, device)
     return Predictor({name: on_device(p) for name, p in rule.params.items()}, rule.offset, rule.global_mean,
                      RatingScale(rule.scale.min, rule.scale.max), on_device(rule.seen_users),
-                     on_device(rule.seen_items))
+                     on_device(rule.seen_items), time=time)
 
 
 def evaluate_artifact(
@@ -326,6 +351,8 @@ def evaluate_artifact(
     contexts = None
     if meta.model_type == "cp" and test.contexts is not None:
         contexts = torch.from_numpy(np.minimum(test.contexts, meta.n_contexts - 1)).to(dev)
+    if meta.model_type == "time-mf" and test.timestamps is not None:
+        contexts = torch.from_numpy(test.timestamps).to(dev)
     m = evaluate_predictor(predictor, torch.from_numpy(u_idx).to(dev), torch.from_numpy(i_idx).to(dev),
                            torch.from_numpy(test.values).to(device=dev, dtype=torch.float64), contexts,
                            clip=clip, breakdown=True)
