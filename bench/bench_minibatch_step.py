@@ -3,26 +3,52 @@
 Default problem: 62,000 users x 10,000 items (lognormal user activity and item popularity),
 biased MF at rank 20, a batch of 100,000 ratings, frequency-weighted L2 (reg 0.05), float32.
 Prints, over many steps (each on one of 8 random batches, like training), the median and the
-fastest wall time and the median CPU time of the process, for the hand-written path
-(``MiniBatchPath``, both scatter methods) and for autograd (``AutogradPath``), with torch's
-default Adam and with ``fused=True``, and the load average (the machine is shared: under load
-the CPU time tells the work, the wall time also the waiting). Target: <= 10 ms on the 2-core CPU.
+fastest wall time, the median CPU time of the process and the minor page faults per step, side
+by side in one run, for:
+
+* the gradient path: the hand-written ``MiniBatchPath`` (both scatter methods) and autograd
+  (``AutogradPath``);
+* the optimizer: torch's Adam as it defaults on the CPU (a per-tensor loop), ``foreach=True``,
+  ``fused=True`` (what ``train`` uses on the mini-batch path) and FlowAdam's everyday preset E
+  (``train``'s default optimizer);
+* the torch CPU thread count: ``--threads 1,2`` runs every variant at each count (``train``
+  runs the CPU mini-batch path on one thread);
+* the heap: glibc's default thresholds, then ``retained_heap()`` (``--heap default,retained``;
+  in this order, as the setting lasts for the process): ``train`` keeps freed memory on the
+  CPU mini-batch path, so a step takes no fresh pages from the system.
+
+The load average is printed before and after: the machine is shared, and under load the CPU
+time tells the work, the wall time also the waiting; compare variants within one run. Target:
+<= 10 ms for one step on the 2-core CPU.
 
     python bench/bench_minibatch_step.py [--users 62000 --items 10000 --batch 100000 --rank 20
-                                          --model biased-mf --device cpu --repeats 60 --threads 0]
+        --model biased-mf --device cpu --repeats 60 --threads 1,2
+        --paths minibatch,minibatch-index_add,autograd --optimizers adam,adam-foreach,adam-fused,flowadam
+        --heap default,retained]
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
+import resource
 import statistics
 import time
+from typing import Callable
 
 import torch
 
 from recsys_flowadam.models import AutogradPath, Coords, ModelSpec, Objective, init_params
-from recsys_flowadam.models.minibatch import MiniBatchPath
+from recsys_flowadam.models.minibatch import MiniBatchPath, retained_heap
+from recsys_flowadam.optim import make_optimizer
+
+OPTIMIZERS: dict[str, Callable] = {  # name -> (params, lr) -> optimizer
+    "adam": lambda ps, lr: torch.optim.Adam(ps, lr=lr),
+    "adam-foreach": lambda ps, lr: torch.optim.Adam(ps, lr=lr, foreach=True),
+    "adam-fused": lambda ps, lr: torch.optim.Adam(ps, lr=lr, fused=True),
+    "flowadam": lambda ps, lr: make_optimizer("flowadam", ps, lr),  # preset E, train's default
+}
 
 
 def _sync(device: torch.device) -> None:
@@ -45,17 +71,19 @@ def _to(coords: Coords, device: torch.device) -> Coords:
 
 
 def time_steps(path, spec: ModelSpec, batches: list[Coords], device: torch.device, repeats: int,
-               adam_kwargs: dict) -> tuple[float, float, float]:
-    """Milliseconds of one step (gradient of a batch into ``.grad``, then ``Adam.step``):
-    ``(median wall, fastest wall, median process CPU time)``. On a busy machine the CPU time
-    (all threads of this process) tells the work done when the wall clock also counts waiting."""
+               make_opt: Callable) -> tuple[float, float, float, float]:
+    """Milliseconds of one step (gradient of a batch into ``.grad``, then the optimizer's step):
+    ``(median wall, fastest wall, median process CPU time, minor page faults per step)``. On a
+    busy machine the CPU time (all threads of this process) tells the work done when the wall
+    clock also counts waiting; page faults tell memory taken afresh from the system each step."""
     params = init_params(spec, generator=torch.Generator().manual_seed(0), device=device)
-    opt = torch.optim.Adam(params.values(), lr=0.01, **adam_kwargs)
+    opt = make_opt(list(params.values()), 0.01)
     names = list(params)
-    times, cpu = [], []
+    times, cpu, faults = [], [], 0
     for k in range(repeats + 5):
         batch = batches[k % len(batches)]
         _sync(device)
+        f0 = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
         t0, c0 = time.perf_counter(), time.process_time()
 
         def closure() -> torch.Tensor:
@@ -69,7 +97,14 @@ def time_steps(path, spec: ModelSpec, batches: list[Coords], device: torch.devic
         if k >= 5:  # warm-up steps are not timed
             times.append(time.perf_counter() - t0)
             cpu.append(time.process_time() - c0)
-    return statistics.median(times) * 1e3, min(times) * 1e3, statistics.median(cpu) * 1e3
+            faults += resource.getrusage(resource.RUSAGE_SELF).ru_minflt - f0
+    return statistics.median(times) * 1e3, min(times) * 1e3, statistics.median(cpu) * 1e3, faults / repeats
+
+
+def report(label: str, timing: tuple[float, float, float, float]) -> None:
+    med, best, cpu, faults = timing
+    print(f"  {label} median {med:7.2f} ms/step  fastest {best:7.2f} ms  CPU {cpu:7.2f} ms  "
+          f"page faults {faults:6.0f}/step", flush=True)
 
 
 def main() -> None:
@@ -82,12 +117,13 @@ def main() -> None:
     ap.add_argument("--model", default="biased-mf", choices=["mf", "biased-mf", "cp"])
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--repeats", type=int, default=60)
-    ap.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
+    ap.add_argument("--threads", default="1,2", help="comma-separated torch CPU thread counts (0: torch's default)")
     ap.add_argument("--paths", default="minibatch,minibatch-index_add,autograd")
+    ap.add_argument("--optimizers", default=",".join(OPTIMIZERS), help=f"of {', '.join(OPTIMIZERS)}")
+    ap.add_argument("--heap", default="default,retained", help="default, retained or both (in this order)")
     args = ap.parse_args()
     device = torch.device(args.device)
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    default_threads = torch.get_num_threads()
     gen = torch.Generator().manual_seed(0)
     batches = [_to(_ratings(args, args.batch, gen), device) for _ in range(8)]
     spec = ModelSpec(args.model, args.users, args.items, args.rank, args.contexts if args.model == "cp" else 0)
@@ -96,17 +132,21 @@ def main() -> None:
                "context": torch.full((args.contexts,), 1 / args.contexts, device=device)}
     objective = Objective(reg=0.05, bias_reg=0.05, offset=3.0, weights=weights)
     print(f"problem: {args.users:,} users x {args.items:,} items, batch {args.batch:,}, rank {args.rank}, "
-          f"{args.model}, float32, device {device}, torch threads {torch.get_num_threads()}, "
+          f"{args.model}, float32, device {device}, torch's default threads {default_threads}, "
           f"load average {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
     builders = {"minibatch": lambda: MiniBatchPath(batches[0], objective, scatter="segment"),
                 "minibatch-index_add": lambda: MiniBatchPath(batches[0], objective, scatter="index_add"),
                 "autograd": lambda: AutogradPath(batches[0], objective)}
-    for name in args.paths.split(","):
-        path = builders[name]()
-        for label, kwargs in (("Adam", {}), ("Adam fused", {"fused": True})):
-            med, best, cpu = time_steps(path, spec, batches, device, args.repeats, kwargs)
-            print(f"  {name:20s} + {label:10s}  median {med:7.2f} ms/step   fastest {best:7.2f} ms   "
-                  f"CPU time {cpu:7.2f} ms")
+    heaps = [h for h in ("default", "retained") if h in args.heap.split(",")]  # retained lasts: it goes last
+    for heap in heaps:
+        with retained_heap() if heap == "retained" else contextlib.nullcontext():
+            for threads in [int(t) or default_threads for t in args.threads.split(",")]:
+                torch.set_num_threads(threads)
+                for name in args.paths.split(","):
+                    path = builders[name]()
+                    for label in args.optimizers.split(","):
+                        report(f"{heap} heap, {threads} thread{'s' if threads > 1 else ' '} {name:19s} + {label:12s}",
+                               time_steps(path, spec, batches, device, args.repeats, OPTIMIZERS[label]))
     print(f"load average after: {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
 
 

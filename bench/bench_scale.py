@@ -16,15 +16,20 @@ Contenders, each in a process of its own (``bench/peers/``), reading the same tw
 * Cornac MF (Cython SGD; k=20, 20 epochs, lr 0.01, lambda 0.02, biases) and LensKit biased ALS
   (20 features, 10 epochs) in ``--peer-python``'s environment; peers are never project dependencies.
 * Ours through ``recsys_flowadam.Recommender`` (the Python path of ``train``) with ``train``'s
-  defaults (rank 20), with the default optimizer and with ``optimizer="adam"``; no tuning. Like
-  ``train``, ours early-stops on a validation part: a seeded 1/8 of the training file, so ours fits
-  7/8 of the ratings the peers fit.
+  defaults: no tuning flags, exactly what a user runs (the default optimizer, and ``optimizer="adam"``
+  as ``--optimizer adam``); ``train`` picks its path, batch, schedule and validation cadence by
+  itself, and the run prints what it chose. Like ``train``, ours early-stops on a validation part: a
+  seeded 1/8 of the training file, so ours fits 7/8 of the ratings the peers fit.
 
 What is printed for each: test RMSE (every contender's predictions clipped to 0.5..5, scored by the
 same code), fit time, wall time, time to reach Cornac's test RMSE, peak memory and ratios to Cornac.
-* fit time: the library's training call after the data is loaded: Cornac ``MF.fit``, LensKit
-  ``train`` (their Dataset construction is timed apart as "prep"), ours ``Recommender.fit`` on the
-  DataFrame (which includes ours' own data preparation; the training loop alone is printed too).
+* fit time: the library's training call after the data is loaded and indexed: Cornac ``MF.fit``,
+  LensKit ``train``, ours ``Recommender.fit`` on ``Ratings`` (everything ``train`` does after
+  loading: path choice, training, validation, the artifact). Each one's indexing of the raw IDs is
+  timed apart as "prep" (Cornac's and LensKit's Dataset construction; ours: the DataFrames to
+  ``Ratings``, what ``Recommender.fit`` does first with DataFrames). Imports are outside every
+  contender's fit; ours' (torch and ``torch._dynamo``, which torch's optimizers import) are timed
+  and printed. The training loop alone is printed too.
 * wall: the whole process: interpreter start, imports, reading the CSV files, fit, scoring.
 * peak memory: the process's maximum resident set size (``os.wait4``'s rusage of the child).
 * time to reach Cornac's RMSE (Cornac's own is its fit time). For ours this comes from a separate,
@@ -37,6 +42,8 @@ same code), fit time, wall time, time to reach Cornac's test RMSE, peak memory a
   early stopping saw test data). A trace costs a whole training run, so none is made for a run
   whose test RMSE ended more than ``--trace-margin`` (0.01) above the target: it is reported as
   not reached. ``--no-trace`` skips all traces; ``--target-rmse`` sets the target without Cornac.
+``--ours-set KEY=VALUE`` (repeatable) adds two more runs of ours with those settings (e.g. ``reg=0.05``),
+labelled with them in every line: they are not ``train``'s defaults.
 The load average is printed at the start and the end, and each process's start is in the table's
 "load" column: this machine is shared, and timings taken under load say so. Everything is written
 to ``<out>/results-<N>-seed<S>-threads<T>.json`` and each process's output to ``<out>/logs/``.
@@ -261,6 +268,9 @@ def run_contender(c: Contender, folder: Path, args: argparse.Namespace, logs: Pa
 def contenders(args: argparse.Namespace) -> tuple[list[Contender], list[Contender]]:
     """``(main runs, trace runs)`` for the selected contenders."""
     ours = [("ours-default", ()), ("ours-adam", ("--optimizer", "adam"))]
+    if args.ours_set:  # labelled extra runs with settings given: not train's defaults
+        given = tuple(a for pair in args.ours_set for a in ("--set", pair))
+        ours += [(f"{key}-set", extra + given) for key, extra in ours]
     runs = []
     if args.peer_python:
         runs += [Contender("cornac", args.peer_python, "cornac_mf.py"),
@@ -381,18 +391,25 @@ def print_details(results: list[dict]) -> None:
         if "error" in r:
             continue
         if r["key"].startswith("ours"):
-            print(f"{r['name']}: optimizer {r['optimizer']}, {r['representation']} on {r['device']}, "
+            flags = [f"{k}={v}" for k, v in r["settings"].items() if k != "seed"]
+            how = f"train with {' '.join(flags)}" if flags else "train with no tuning flags"
+            print(f"{r['name']}: {how} (lr {r.get('lr')}, reg {_fmt(r.get('reg'), '.4g')}), "
+                  f"{r['representation']} on {r['device']}, "
                   f"{r['steps']} steps (best {r['best_step']}, {r['stopped']}), {r['grad_evals']} gradient "
                   f"evaluations{_triggers(r)}, training loop {r['loop_seconds']:.2f} s of fit "
-                  f"{r['fit_seconds']:.2f} s, {r['threads']} threads, predict {r['predict_seconds']:.2f} s"
+                  f"{r['fit_seconds']:.2f} s, prep {_fmt(r.get('prep_seconds'), '.2f')} s (not in fit), imports "
+                  f"{_fmt(r.get('import_seconds'), '.2f')} s (not in fit), predict {r['predict_seconds']:.2f} s"
                   + (f"; {r['reach_note']}" if r.get("reach_note") else ""))
+            if r.get("path_choice"):
+                print(f"  path chosen: {r['path_choice']}")
         else:
             print(f"{r['name']} {r['version']}: {r['settings']}; Dataset prep {r['prep_seconds']:.2f} s (not in "
                   f"fit){', ' + str(r['threads']) + ' threads' if 'threads' in r else ''}")
     ours = {r["key"]: r for r in results if r["key"].startswith("ours") and "error" not in r}
-    if {"ours-default", "ours-adam"} <= ours.keys():
-        ratio = ours["ours-default"]["fit_seconds"] / ours["ours-adam"]["fit_seconds"]
-        print(f"ours: default optimizer / adam fit time = {ratio:.2f}x")
+    for suffix, what in (("", "no tuning flags"), ("-set", "the settings given")):
+        if {f"ours-default{suffix}", f"ours-adam{suffix}"} <= ours.keys():
+            ratio = ours[f"ours-default{suffix}"]["fit_seconds"] / ours[f"ours-adam{suffix}"]["fit_seconds"]
+            print(f"ours ({what}): default optimizer / adam fit time = {ratio:.2f}x")
 
 
 # ------------------------------------------------------------------------------------------------
@@ -407,8 +424,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                     help="data files, logs and results (default: <tmp>/recsys_flowadam_bench_scale)")
     ap.add_argument("--peer-python", default=None, help="python of an environment with cornac and lenskit")
     ap.add_argument("--threads", type=int, default=0, help="CPU threads for every contender; 0: each one's choice")
-    ap.add_argument("--only", default="cornac,lenskit,ours-default,ours-adam",
+    ap.add_argument("--only", default="cornac,lenskit,ours-default,ours-adam,ours-default-set,ours-adam-set",
                     help="comma-separated contenders to run (default all)")
+    ap.add_argument("--ours-set", action="append", default=[], metavar="KEY=VALUE",
+                    help="also run ours with these settings (contenders ours-default-set and ours-adam-set, "
+                         "labelled with them: they are not train's defaults)")
     ap.add_argument("--no-trace", action="store_true", help="skip ours' time-to-reach measurement runs")
     ap.add_argument("--target-rmse", type=float, default=None, help="reach target; default Cornac's RMSE + slack")
     ap.add_argument("--timeout", type=float, default=None, help="seconds allowed to each process (default none)")

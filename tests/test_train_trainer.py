@@ -221,9 +221,10 @@ def test_auto_choice_takes_minibatches_for_large_data(data, monkeypatch):
     monkeypatch.setattr(path_choice, "MIN_AUTO_BATCH", 10)
     big = train_model(train, val, cfg)
     n_batches = math.ceil(len(train) / big.path_choice["batch_size"])
-    assert big.representation == "minibatch" and big.path_choice["batch_size"] == round(len(train) / 100)
+    assert big.representation == "minibatch" and big.path_choice["batch_size"] == round(
+        len(train) / path_choice.BATCHES_PER_EPOCH)
     assert "mini-batches of" in big.path_choice["reason"] and big.steps == 20 * n_batches
-    assert big.path_choice["lr_half_life_steps"] == path_choice.LR_HALF_LIFE_STEPS
+    assert big.path_choice["lr_half_life_steps"] == round(path_choice.LR_HALF_LIFE_EPOCHS * n_batches)
     assert big.best_val_rmse < 0.7 * _baseline_rmse(train, val)
     # explicit settings override the choice, and say so
     given = train_model(train, val, replace_cfg(cfg, batch_size=500))
@@ -250,7 +251,9 @@ def test_lr_decay_halves_smoothly_and_resumes_exactly(data, tmp_path, monkeypatc
     cfg = TrainConfig(model="biased-mf", rank=3, reg=1e-4, lr=0.02, optimizer="adam", steps=60, eval_every=7,
                       patience=0, checkpoint_every=25)
     full = train_model(train, val, cfg)
-    assert full.path_choice["lr_half_life_steps"] == path_choice.LR_HALF_LIFE_STEPS
+    n_batches = math.ceil(len(train) / full.path_choice["batch_size"])
+    assert full.path_choice["lr_half_life_steps"] == round(path_choice.LR_HALF_LIFE_EPOCHS * n_batches)
+    assert full.path_choice["lr_scale"] == path_choice.AUTO_LR_SCALE
 
     class Stop(Exception):
         pass
@@ -351,7 +354,7 @@ def test_resume_refuses_other_ratings_with_the_same_size_and_sum(data, tmp_path)
 
 def test_cp_tensor_model_trains_on_contexts():
     train, val, _ = low_rank_split(n_users=40, n_items=30, n_contexts=4, density=0.3, rank=2)
-    res = train_model(train, val, TrainConfig(model="cp", rank=2, lr=0.03, optimizer="adam", steps=300,
+    res = train_model(train, val, TrainConfig(model="cp", rank=2, reg=0.0, lr=0.03, optimizer="adam", steps=300,
                                               center=True, patience=5))
     assert set(res.params) == {"user_factors", "item_factors", "context_factors"}
     assert res.best_val_rmse < 0.7 * _baseline_rmse(train, val)

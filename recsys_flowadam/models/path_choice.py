@@ -3,11 +3,14 @@ their learning-rate schedule.
 
 Rule (:func:`choose_path`):
 
-1. ``MINIBATCH_MIN_RATINGS`` training ratings or more, and a first-order optimizer: mini-batches
-   of :func:`auto_batch_size` ratings (about 1% of them), the learning rate halving every
-   ``LR_HALF_LIFE_STEPS`` steps, for ``AUTO_MAX_STEPS`` steps unless steps or epochs are given.
-   A full-batch step is one pass over every rating and Adam needs about a hundred of them; a
-   thousand mini-batch steps cost about ten passes.
+1. ``MINIBATCH_MIN_RATINGS`` training ratings or more, and a first-order optimizer: the automatic
+   mini-batch path (:func:`auto_minibatch`), everything in passes over the data: batches of
+   1/``BATCHES_PER_EPOCH`` of the ratings (within ``[MIN_AUTO_BATCH, MAX_AUTO_BATCH]``), the
+   learning rate starting at ``AUTO_LR_SCALE`` x the configured one and halving every
+   ``LR_HALF_LIFE_EPOCHS`` passes, ``AUTO_EPOCHS`` passes unless steps or epochs are given, and
+   validation ``EVALS_PER_EPOCH`` times a pass on a fixed sample of ``EVAL_SAMPLE`` validation
+   ratings (scoring all of them costs as much as 25 steps at 10M). A full-batch step is one pass
+   over every rating and Adam needs about a hundred of them; the automatic path takes three.
 2. Otherwise the full-batch representation of ``representation.choose_representation`` (dense
    grid or CSR, by density and the memory budget), so small data (ML-100K, Jester) keeps the
    shipped recipes' path and figures;
@@ -15,27 +18,36 @@ Rule (:func:`choose_path`):
 
 L-BFGS stays full batch (its line search needs the same function at every evaluation).
 
-Measured on the 2-core dev machine (one torch thread, load average about 5 from other jobs, so
-CPU seconds), on ``bench/bench_scale.py``'s generated problems (80% train / 10% validation),
-biased-mf rank 20, Adam lr 0.02, reg 0.05 frequency-weighted, early stopping (patience 10):
+The schedule, measured on ``bench/bench_scale.py``'s generated 10M problem (7.9M training ratings
+after the validation 1/8; 62k x 10k; biased-mf rank 20, Adam, reg 0.05 frequency-weighted; one
+torch thread, load average 6-9 from other jobs; validation RMSE on the fixed 100k sample):
 
-==========  =======================================  ================================================
-train       full batch (CSR)                          automatic mini-batches (decaying rate)
-==========  =======================================  ================================================
-800k        val 0.8234 at step 110, 8 s (whole run)   20k x 480 steps: 0.8502 (too few steps to settle)
-1.6M        val 0.8013 at step 110, 10 s (19 s run)   20k x 960 steps: 0.8036, 12 s
-4M          val 0.7897 at step 100, 24 s (48 s run)   40k x 800 steps: 0.7892, 17 s
-8M          val 0.7834 at step 100, 60 s (136 s run)  80k x 960 steps: 0.7817, 39 s
-==========  =======================================  ================================================
+=======================================  ==========  ==========  ==========  ==============
+schedule (batch, start rate, half-life)  step 100    step 200    step 300    test at end
+=======================================  ==========  ==========  ==========  ==============
+100k, 0.01, 100 steps                    0.8920      0.8803 *    0.8635      0.8493 (500)
+100k, 0.02, 100 steps                    0.8746      0.8273 *    0.7981      0.7916 (500)
+100k, 0.04, 80 steps                     0.8552      0.7992      0.7898      0.7908 (300)
+100k, 0.04, 120 steps                    0.8476      0.7985      0.7892      0.7900 (300)
+100k, 0.04 held 120 steps, then 50       0.8458      0.8033      0.7882      0.7891 (300)
+100k, 0.06 held 100 steps, then 50       0.8688      0.8044      0.7888      0.7896 (300)
+79k, 0.04, 80 steps                      0.8702      0.8134      0.7963      0.7963 (320)
+79k, 0.06, 60 steps                      0.8728      0.8222      0.8065      0.8063 (320)
+79k, 0.08, 50 steps                      0.8785      0.8360      0.8223      0.8219 (320)
+200k, 0.02, 60 steps                     0.8516 **   0.8115 **   --          0.8080 (250)
+=======================================  ==========  ==========  ==========  ==============
 
-At 8M a constant rate stalls at 0.7933 (the mini-batch noise floor); halving every epoch ends
-at 0.8263 (too early), every two epochs over 8 epochs at 0.7855, every three (240 steps) over
-12 at 0.7817. Hence mini-batches from 3M training ratings (between the tie at 1.6M and the clear
-win at 4M).
+(* at step 180; ** at steps 110 and 210.) The factors start small (``init_std`` 0.1) and leave the
+biases-only plateau (about 0.88) only when the rate stays high long enough; a faster decay, or a
+higher rate with a faster decay, stalls; smaller batches progress less per step. Hence batches of
+1/80 (98k here), 2 x the default rate of 0.02 halving every 1.5 passes (120 steps), three passes:
+with the defaults at the time (lr 0.02) and reg 0.05 that run ends at validation 0.7932 (test
+0.7919 after the refit; Cornac MF 0.800), the validation RMSE at 0.8015 after 180 steps.
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass
 from typing import Any, Callable
 
@@ -45,11 +57,14 @@ from recsys_flowadam.models.factorization import ModelSpec
 from recsys_flowadam.models.representation import choose_representation, default_budget, estimate_bytes
 
 MINIBATCH_MIN_RATINGS = 3_000_000  # at and above: mini-batches (see the table above)
-BATCHES_PER_EPOCH = 100  # the automatic batch: about 1% of the ratings ...
+BATCHES_PER_EPOCH = 80  # the automatic batch: about 1/80 of the ratings ...
 MIN_AUTO_BATCH, MAX_AUTO_BATCH = 20_000, 250_000  # ... within these bounds
 FULL_BATCH_ONLY = ("lbfgs",)
-LR_HALF_LIFE_STEPS = 240  # mini-batch noise: a constant rate stalls above the optimum (see above)
-AUTO_MAX_STEPS = 4 * LR_HALF_LIFE_STEPS  # the rate is then 1/16 of its start
+AUTO_LR_SCALE = 2.0  # the schedule starts at this multiple of the configured rate ...
+LR_HALF_LIFE_EPOCHS = 1.5  # ... and halves every this many passes over the data ...
+AUTO_EPOCHS = 3  # ... for this many passes (the rate ends at a quarter of its start)
+EVALS_PER_EPOCH = 4  # validations per pass on the automatic path ...
+EVAL_SAMPLE = 100_000  # ... each on a fixed sample of this many validation ratings
 
 
 @dataclass(frozen=True)
@@ -62,6 +77,10 @@ class PathChoice:
     reason: str
     lr_half_life_steps: int | None = None  # mini-batches: the learning rate halves every this many steps
     max_steps: int | None = None  # the run's length when neither steps nor epochs are given (None: the default)
+    eval_every: int | None = None  # steps between evaluations unless the config sets it (None: the default)
+    eval_sample: int | None = None  # validation ratings scored at each evaluation (None: all of them)
+    lr_scale: float = 1.0  # mini-batches: the schedule starts at this multiple of the configured rate ...
+    lr_hold_steps: int = 0  # ... and holds it this many steps before it starts halving
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -74,6 +93,23 @@ def auto_batch_size(n_ratings: int) -> int:
 
 def _gib(n_bytes: int) -> str:
     return f"{n_bytes / 2**30:.2f} GiB"
+
+
+def auto_minibatch(n_ratings: int, device: torch.device, why: str) -> PathChoice:
+    """The automatic mini-batch path for ``n_ratings`` training ratings: the batch, the learning-rate
+    schedule, the run's length and the validation cadence (all in passes over the data: see the
+    module docstring); ``why`` opens the printed reason."""
+    size = auto_batch_size(n_ratings)
+    per_epoch = math.ceil(n_ratings / size)
+    half_life = max(1, round(LR_HALF_LIFE_EPOCHS * per_epoch))
+    every = max(1, round(per_epoch / EVALS_PER_EPOCH))
+    threads = ", one torch thread" if device.type == "cpu" else ""
+    reason = (f"{why}: mini-batches of {size:,} ({per_epoch} a pass{threads}); the learning rate starts at "
+              f"{AUTO_LR_SCALE:g} x lr and halves every {half_life} steps, for {AUTO_EPOCHS * per_epoch} steps "
+              f"({AUTO_EPOCHS} passes) unless steps or epochs are given; validation every {every} steps on "
+              f"{EVAL_SAMPLE:,} fixed validation ratings")
+    return PathChoice("minibatch", size, reason, lr_half_life_steps=half_life, max_steps=AUTO_EPOCHS * per_epoch,
+                      eval_every=every, eval_sample=EVAL_SAMPLE, lr_scale=AUTO_LR_SCALE)
 
 
 def choose_path(
@@ -89,11 +125,8 @@ def choose_path(
     """The path ``auto`` resolves to for ``n_ratings`` training ratings (rule in the module docstring)."""
     minibatch_ok = optimizer.lower() not in FULL_BATCH_ONLY
     if minibatch_ok and n_ratings >= MINIBATCH_MIN_RATINGS:
-        size = auto_batch_size(n_ratings)
-        return PathChoice("minibatch", size, f"{n_ratings:,} training ratings (>= {MINIBATCH_MIN_RATINGS:,}): "
-                                             f"mini-batches of {size:,} reach a good RMSE in far less time than "
-                                             f"full-batch steps; the rate halves every {LR_HALF_LIFE_STEPS} steps",
-                          LR_HALF_LIFE_STEPS, AUTO_MAX_STEPS)
+        return auto_minibatch(n_ratings, device, f"{n_ratings:,} training ratings (>= {MINIBATCH_MIN_RATINGS:,}): "
+                                                 "mini-batches reach a good RMSE in far less time than full batches")
     budget = default_budget(device) if budget_bytes is None else budget_bytes
     rep = choose_representation(spec, n_ratings, device, budget_bytes=budget, element_size=element_size,
                                 duplicates=duplicates)
@@ -109,7 +142,5 @@ def choose_path(
         raise ValueError(f"the training data fits neither the dense nor the sparse full-batch representation "
                          f"within the memory budget ({_gib(budget)}), and {optimizer} needs full batches: "
                          "give a larger --memory-budget or another optimizer")
-    size = auto_batch_size(n_ratings)
-    return PathChoice("minibatch", size, f"{sizes}: no full-batch representation fits the memory budget "
-                                         f"({_gib(budget)}): mini-batches of {size:,}, the rate halving every "
-                                         f"{LR_HALF_LIFE_STEPS} steps", LR_HALF_LIFE_STEPS, AUTO_MAX_STEPS)
+    return auto_minibatch(n_ratings, device, f"{sizes}: no full-batch representation fits the memory budget "
+                                             f"({_gib(budget)})")

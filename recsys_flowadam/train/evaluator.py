@@ -1,10 +1,15 @@
 """Validation and early stopping: when to evaluate, which parameters were best, when to stop.
 
 Every ``eval_every`` steps (and at the last step) the validation ratings are scored with the
-artifact's prediction rule. An RMSE below the best so far by more than ``min_delta`` records
-the step and snapshots the parameters; otherwise the evaluation counts as bad, and
-``patience`` bad evaluations in a row stop the run (``patience=0``: never). At the end the
-best snapshot replaces the parameters.
+artifact's prediction rule. ``eval_every`` unset means :data:`DEFAULT_EVAL_EVERY`, or the cadence
+the automatic mini-batch path chose (``PathChoice.eval_every``, a fraction of an epoch). That path
+also scores a fixed, seeded sample of the validation ratings (``PathChoice.eval_sample``): at 10M
+ratings the whole validation part costs as much as 25 mini-batch steps, while comparing the same
+100k ratings from one evaluation to the next is what early stopping needs (the noise of a fixed
+sample is common to every evaluation; the full validation part is scored once, after training).
+An RMSE below the best so far by more than ``min_delta`` records the step and snapshots the
+parameters; otherwise the evaluation counts as bad, and ``patience`` bad evaluations in a row stop
+the run (``patience=0``: never). At the end the best snapshot replaces the parameters.
 
 Distributed, rank 0 alone evaluates and decides; :class:`BroadcastStop` hands its decision
 (and its best step) to every rank at each evaluation, so all ranks stop at the same step.
@@ -21,6 +26,8 @@ from recsys_flowadam.train.config import TrainConfig
 from recsys_flowadam.train.distributed import DistContext
 from recsys_flowadam.train.loop_state import LoopState
 from recsys_flowadam.train.metrics import Predictor, evaluate_predictor
+
+DEFAULT_EVAL_EVERY = 10  # steps between evaluations when neither the config nor the path sets it
 
 
 class StopAgreement(Protocol):
@@ -58,15 +65,20 @@ class Evaluator:
 
     ``val``: the validation coordinates (None: no validation, hence no early stopping and
     the last step counts as best); ``evaluates``: whether this process scores them (rank 0).
-    ``params`` are the live parameters ``predictor`` reads.
+    ``params`` are the live parameters ``predictor`` reads. ``every``: steps between evaluations
+    when ``config.eval_every`` is unset (default :data:`DEFAULT_EVAL_EVERY`); ``sample``: score a
+    fixed random subset of that many validation ratings (seeded by ``config.seed``), not all.
     """
 
     def __init__(self, predictor: Predictor, params: dict[str, torch.Tensor], val: Coords | None,
-                 config: TrainConfig, *, evaluates: bool = True, agree: StopAgreement | None = None) -> None:
-        self.predictor, self.params, self.val = predictor, params, val
+                 config: TrainConfig, *, evaluates: bool = True, agree: StopAgreement | None = None,
+                 every: int | None = None, sample: int | None = None) -> None:
+        self.predictor, self.params = predictor, params
+        self.val = val if val is None or sample is None else validation_sample(val, sample, config.seed)
         self.has_val = val is not None
         self.evaluates = self.has_val and evaluates
-        self.every, self.patience, self.min_delta = config.eval_every, config.patience, config.min_delta
+        self.every = config.eval_every or every or DEFAULT_EVAL_EVERY
+        self.patience, self.min_delta = config.patience, config.min_delta
         self.clip = config.clip_predictions
         self.agree = agree if agree is not None else LocalStop()
         self.best: dict[str, torch.Tensor] | None = None
@@ -113,3 +125,12 @@ class Evaluator:
 
     def best_val_rmse(self, state: LoopState) -> float | None:
         return state.best_val if self.has_val else None
+
+
+def validation_sample(val: Coords, size: int, seed: int) -> Coords:
+    """``size`` of the validation ratings drawn without replacement (CPU generator ``seed + 2``,
+    the draw kept in rating order); all of them when there are no more than ``size``."""
+    if len(val) <= size:
+        return val
+    keep = torch.randperm(len(val), generator=torch.Generator().manual_seed(seed + 2))[:size].sort().values
+    return val.select(keep.to(val.users.device))

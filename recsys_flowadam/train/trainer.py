@@ -8,6 +8,14 @@ and how a gradient is reduced), the :class:`~recsys_flowadam.train.evaluator.Eva
 (validation, early stopping, the best parameters) and the loop state with its checkpoints
 (``loop_state``).
 
+On the CPU the mini-batch loop runs on one torch thread with freed memory kept in the process
+(:func:`loop_threads`, ``models.minibatch.retained_heap``; a full-batch loop too when the
+machine is busy), and torch's Adam/AdamW take their fused kernel there (:func:`optimizer_kwargs`):
+a step's kernels are too short to share between threads, and its update and fresh pages would
+otherwise cost as much as its gradient. The
+automatic path's learning-rate schedule (:class:`LrDecay`) and validation cadence and sample come
+with its ``PathChoice``.
+
 Every optimizer is driven through ``opt.step(closure)``; the closure writes the analytic
 gradients of the chosen path into ``.grad`` and its calls are counted (``grad_evals``), so
 FlowAdam's extra ODE evaluations and L-BFGS's line search are reported like Adam's one.
@@ -31,15 +39,18 @@ agreement differs; the loop itself is the same.
 from __future__ import annotations
 
 import math
+import os
 import time
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Mapping
+from typing import Any, Callable, Iterator, Mapping
 
 import torch
 
 from recsys_flowadam.data.ratings import Ratings
 from recsys_flowadam.models import ModelSpec, Objective, PathChoice, init_params, make_path
+from recsys_flowadam.models.minibatch import retained_heap
 from recsys_flowadam.train.checkpoint import CheckpointError
 from recsys_flowadam.train.batches import (
     BatchSource,
@@ -146,18 +157,19 @@ def resolve_device(name: str) -> torch.device:
 
 
 class LrDecay:
-    """The learning rate of every parameter group halving every ``half_life`` steps, smoothly:
-    ``lr(step) = lr0 * 0.5 ** (step / half_life)``. Mini-batch gradients are noisy, and a constant
-    rate leaves the parameters wandering at a noise floor above the optimum; a function of the
-    step alone, so a resumed run (and a refit) replays it exactly."""
+    """The learning rate of every parameter group at ``scale`` times its configured value for
+    ``hold`` steps, then halving every ``half_life`` steps, smoothly:
+    ``lr(step) = scale * lr0 * 0.5 ** (max(step - hold, 0) / half_life)``. Mini-batch gradients are
+    noisy, and a constant rate leaves the parameters wandering at a noise floor above the optimum;
+    a function of the step alone, so a resumed run (and a refit) replays it exactly."""
 
-    def __init__(self, opt: torch.optim.Optimizer, half_life: float) -> None:
-        self.opt, self.half_life = opt, half_life
-        self.base = [group["lr"] for group in opt.param_groups]
+    def __init__(self, opt: torch.optim.Optimizer, half_life: float, scale: float = 1.0, hold: int = 0) -> None:
+        self.opt, self.half_life, self.hold = opt, half_life, hold
+        self.base = [group["lr"] * scale for group in opt.param_groups]
 
     def apply(self, done: int) -> None:
         """Set the rates for the step after ``done`` completed steps."""
-        factor = 0.5 ** (done / self.half_life)
+        factor = 0.5 ** (max(done - self.hold, 0) / self.half_life)
         for group, lr in zip(self.opt.param_groups, self.base):
             group["lr"] = lr * factor
 
@@ -283,6 +295,62 @@ def _resume(checkpointer: Checkpointer, params: dict[str, torch.Tensor], opt: to
     return snap.loop
 
 
+FUSED_BY_DEFAULT = ("adam", "adamw")  # torch optimizers whose fused kernel the mini-batch path turns on
+
+
+def optimizer_kwargs(config: TrainConfig, choice: PathChoice, device: torch.device) -> dict[str, Any]:
+    """The optimizer's keyword arguments: the config's, plus ``fused=True`` for torch's Adam and
+    AdamW on the mini-batch path when the device has the fused kernel and neither ``fused`` nor
+    ``foreach`` is given. There the update is a large share of a step (on the CPU about 1.3 ms
+    fused against 9.6 ms for torch's default per-tensor loop, 100k x rank 20: a 72k x 20 model),
+    and the fused kernel computes the same update to float rounding. Full-batch runs keep torch's
+    default, so their numbers stay exactly as they were (FlowAdam picks its fused kernel itself)."""
+    kwargs = dict(config.optimizer_kwargs)
+    if (choice.representation == "minibatch" and config.optimizer.lower() in FUSED_BY_DEFAULT
+            and not {"fused", "foreach"} & kwargs.keys()):
+        from torch.utils._foreach_utils import _get_fused_kernels_supported_devices
+
+        if device.type in _get_fused_kernels_supported_devices():
+            kwargs["fused"] = True
+    return kwargs
+
+
+def loop_threads(device: torch.device, choice: PathChoice, load: float | None = None) -> int | None:
+    """Torch CPU threads for the training loop (None: leave torch's count as it is).
+
+    On the CPU: one thread for mini-batches always, and for full batches when the machine is busy
+    (1-minute load average ``load``, default ``os.getloadavg()``, at least the core count less
+    half a core): then a thread per core waits on the others, and a step takes several times as
+    long (ML-100K-sized full batches, load about 8 on 2 cores: 3.4x slower dense, 22x sparse).
+    The numbers do not depend on the thread count (the same parameters, bit for bit, checked on
+    the dense and CSR paths); only the time does."""
+    if device.type != "cpu":
+        return None
+    if choice.representation == "minibatch":
+        return 1
+    if load is None:
+        load = os.getloadavg()[0] if hasattr(os, "getloadavg") else 0.0
+    return 1 if load >= (os.cpu_count() or 1) - 0.5 else None
+
+
+@contextmanager
+def torch_threads(n: int | None) -> Iterator[None]:
+    """Run the block with ``n`` torch CPU threads (None: as they are), then restore the count.
+
+    The mini-batch path on the CPU runs on one thread: its kernels last about a millisecond each,
+    too short to share between threads, and torch's default of one thread per core collapses when
+    another process holds a core (measured on this 2-core machine under load: about 20 ms a step
+    on one thread, 50 to 700 ms on two; ``bench/bench_minibatch_step.py``)."""
+    before = torch.get_num_threads()
+    if n is not None and n != before:
+        torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        if torch.get_num_threads() != before:
+            torch.set_num_threads(before)
+
+
 def _progress_bar(config: TrainConfig, limit: int, initial: int, show: bool) -> Any:
     """A tqdm bar over the steps (disabled unless ``show``)."""
     from tqdm.auto import tqdm
@@ -328,12 +396,14 @@ def train_model(
     path = make_path(choice.representation, problem.spec, data.coords, data.path_objective)
     params = init_params(problem.spec, init_std=config.init_std, generator=torch.Generator().manual_seed(config.seed),
                          device=device, dtype=problem.dtype)
-    opt = build_optimizer(config.optimizer, params.values(), config.lr, **config.optimizer_kwargs)
+    opt = build_optimizer(config.optimizer, params.values(), config.lr, **optimizer_kwargs(config, choice, device))
     evaluator = Evaluator(problem.predictor(params), params, problem.coords_of(val), config,
-                          evaluates=data.is_main, agree=stop_agreement(dctx, device))
+                          evaluates=data.is_main, agree=stop_agreement(dctx, device), every=choice.eval_every,
+                          sample=choice.eval_sample)
     source = make_batch_source(data, choice.representation == "minibatch", choice.batch_size, config.seed, device)
     limit = step_limit(config, source.n_batches, choice.max_steps)
-    lr_decay = None if choice.lr_half_life_steps is None else LrDecay(opt, choice.lr_half_life_steps)
+    lr_decay = None if choice.lr_half_life_steps is None else LrDecay(
+        opt, choice.lr_half_life_steps, choice.lr_scale, choice.lr_hold_steps)
     ckpt = Path(checkpoint_path) if checkpoint_path is not None else None
     fp = (fingerprint(config, train, data.world_size, data_identity)
           if resume or (ckpt is not None and config.checkpoint_every) else {})  # hashing the data costs time
@@ -344,7 +414,9 @@ def train_model(
     driver = StepDriver(state=state, source=source, closure=GradientClosure(path, params, data), opt=opt,
                         evaluator=evaluator, checkpointer=checkpointer, limit=limit, on_step=on_step, bar=bar,
                         lr_decay=lr_decay)
-    stopped = driver.run()
+    cpu_minibatch = device.type == "cpu" and choice.representation == "minibatch"
+    with torch_threads(loop_threads(device, choice)), retained_heap() if cpu_minibatch else nullcontext():
+        stopped = driver.run()
     evaluator.finish(state)
     final = {k: p.detach() for k, p in params.items()}
     return TrainResult(
