@@ -22,7 +22,9 @@ SCHEMA_VERSION = 1
 MODEL_JSON = "model.json"
 MODEL_TENSORS = "model.safetensors"
 
-_FLOAT_TENSORS = ("user_factors", "item_factors", "user_bias", "item_bias", "context_factors")
+_FLOAT_TENSORS = ("user_factors", "item_factors", "user_bias", "item_bias", "context_factors", "implicit_factors",
+                  "item_time_bias", "user_drift_bias", "user_mean_day",
+                  "user_day_span")
 
 
 class ArtifactError(ValueError):
@@ -72,11 +74,27 @@ class VersionsInfo(_Strict):
     python: str
 
 
+class TimeAxisInfo(_Strict):
+    """time-mf's time axis (``models.time_axis``): inner bin edges and the prediction time without a
+    timestamp (``now``), in seconds since the epoch, and the drift exponent. t_u per user is the
+    tensor ``user_mean_day``, each user's first and last training day ``user_day_span``."""
+
+    edges: list[float]
+    now: float
+    beta: float = Field(gt=0, le=1)
+
+    @model_validator(mode="after")
+    def _sorted(self) -> "TimeAxisInfo":
+        if not all(math.isfinite(e) for e in [*self.edges, self.now]) or sorted(self.edges) != self.edges:
+            raise ValueError("time_axis needs finite, ascending edges and a finite now")
+        return self
+
+
 class ArtifactMeta(_Strict):
     """The ``model.json`` schema (format v1); unknown fields are an error."""
 
     schema_version: int
-    model_type: Literal["mf", "biased-mf", "cp"]
+    model_type: Literal["mf", "biased-mf", "cp", "svdpp", "time-mf"]
     rank: int = Field(ge=1)
     n_users: int = Field(ge=1)
     n_items: int = Field(ge=1)
@@ -88,6 +106,7 @@ class ArtifactMeta(_Strict):
     user_ids: list[str]
     item_ids: list[str]
     item_titles: list[str | None] | None = None
+    time_axis: TimeAxisInfo | None = None  # time-mf only
     train_config: dict[str, Any] = Field(default_factory=dict)
     optimizer: OptimizerInfo
     metrics: dict[str, Any] = Field(default_factory=dict)
@@ -124,8 +143,14 @@ class ArtifactMeta(_Strict):
                 raise ValueError(f"{name} contains duplicate IDs")
         if self.item_titles is not None and len(self.item_titles) != self.n_items:
             raise ValueError(f"item_titles has {len(self.item_titles)} entries but n_items is {self.n_items}")
-        if (self.model_type == "cp") != (self.n_contexts > 0):
-            raise ValueError(f"n_contexts must be > 0 exactly for model_type 'cp' (got {self.n_contexts} for '{self.model_type}')")
+        if (self.model_type in ("cp", "time-mf")) != (self.n_contexts > 0):
+            raise ValueError(f"n_contexts must be > 0 exactly for model_type 'cp' and 'time-mf' "
+                             f"(got {self.n_contexts} for '{self.model_type}')")
+        if (self.model_type == "time-mf") != (self.time_axis is not None):
+            raise ValueError("time_axis is required for model_type 'time-mf' and only for it")
+        if self.time_axis is not None and len(self.time_axis.edges) != self.n_contexts - 1:
+            raise ValueError(f"time_axis has {len(self.time_axis.edges)} edges for n_contexts {self.n_contexts} "
+                             "(time bins): expected n_contexts - 1")
         if not self.rating_scale.min <= self.global_mean <= self.rating_scale.max:
             raise ValueError(f"global_mean {self.global_mean} lies outside the rating scale")
         return self
@@ -214,11 +239,18 @@ def expected_tensors(meta: ArtifactMeta) -> dict[str, tuple[np.dtype, tuple[int,
         "train_indptr": (i64, (meta.n_users + 1,)),
         "train_items": (i64, None),
     }
-    if meta.model_type == "biased-mf":
+    if meta.model_type in ("biased-mf", "svdpp", "time-mf"):
         out["user_bias"] = (f32, (meta.n_users,))
         out["item_bias"] = (f32, (meta.n_items,))
     if meta.model_type == "cp":
         out["context_factors"] = (f32, (meta.n_contexts, meta.rank))
+    if meta.model_type == "svdpp":  # SVD++'s Y; the service sums it over train_indptr/train_items
+        out["implicit_factors"] = (f32, (meta.n_items, meta.rank))
+    if meta.model_type == "time-mf":  # time-binned item biases, user drift and t_u (models.time_axis)
+        out["item_time_bias"] = (f32, (meta.n_items, meta.n_contexts))
+        out["user_drift_bias"] = (f32, (meta.n_users,))
+        out["user_mean_day"] = (f32, (meta.n_users,))
+        out["user_day_span"] = (f32, (meta.n_users, 2))
     return out
 
 
@@ -275,6 +307,7 @@ __all__ = [
     "ArtifactMeta",
     "OptimizerInfo",
     "RatingScaleInfo",
+    "TimeAxisInfo",
     "TrainingData",
     "VersionsInfo",
     "check_tensors",

@@ -43,6 +43,9 @@ if TYPE_CHECKING:
     from recsys_flowadam.models.path_choice import PathChoice, auto_batch_size, choose_path
     from recsys_flowadam.models.representation import REPRESENTATIONS, choose_representation, estimate_bytes
     from recsys_flowadam.models.sparse import SparsePath
+    from recsys_flowadam.models.implicit import ImplicitFeedback
+    from recsys_flowadam.models.svdpp import make_svdpp_path
+    from recsys_flowadam.models.svdpp_autograd import SvdppAutogradPath
 
 # name -> the submodule defining it (imports torch)
 _LAZY = {
@@ -56,13 +59,14 @@ _LAZY = {
     "estimate_bytes": "representation",
     "PathChoice": "path_choice", "choose_path": "path_choice", "auto_batch_size": "path_choice",
     "SparsePath": "sparse",
+    "ImplicitFeedback": "implicit", "SvdppAutogradPath": "svdpp_autograd", "make_svdpp_path": "svdpp",
 }
 
 __all__ = [
     "AutogradPath", "batch_loss", "Coords", "coords_from_ratings", "DensePath", "DuplicateRatingsError",
     "has_duplicates", "LOSSES", "MODEL_TYPES", "ModelSpec", "Objective", "init_params", "predict",
     "MiniBatchPath", "REPRESENTATIONS", "choose_representation", "estimate_bytes", "PathChoice", "choose_path",
-    "auto_batch_size", "SparsePath", "make_path",
+    "auto_batch_size", "SparsePath", "make_path", "ImplicitFeedback", "SvdppAutogradPath", "make_svdpp_path",
     "RatingRule", "clip_ratings", "fold_rows", "known", "rule_from_artifact", "seen_from_csr",
     "seen_in_training", "seen_mask",
 ]
@@ -85,6 +89,14 @@ def make_path(representation: str, spec: ModelSpec, coords: Coords, objective: O
     from recsys_flowadam.models.representation import REPRESENTATIONS
     from recsys_flowadam.models.sparse import SparsePath
 
+    if spec.model_type == "svdpp":  # its own paths (models.svdpp)
+        from recsys_flowadam.models.svdpp import make_svdpp_path
+
+        return make_svdpp_path(representation, spec, coords, objective)
+    if spec.model_type == "time-mf":  # its own paths (models.timeaware)
+        from recsys_flowadam.models.timeaware import make_time_path
+
+        return make_time_path(representation, spec, coords, objective)
     if representation == "dense":
         return DensePath(spec, coords, objective)
     if representation == "sparse":

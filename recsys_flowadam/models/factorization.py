@@ -15,6 +15,14 @@ training ratings, ``rho(r) = r^2`` (MSE) or the Huber function scaled to agree w
 ``rho(r) = r^2`` for ``|r| <= delta``, ``2*delta*|r| - delta^2`` beyond (so ``rho'`` is
 ``2r`` clipped to ``+-2*delta``).
 
+SVD++ (``svdpp``, :mod:`recsys_flowadam.models.svdpp`) is biased MF with ``U[u]`` replaced by
+``U[u] + |N(u)|^{-1/2} sum_{j in N(u)} Y[j]`` (``implicit_factors``, penalised with ``reg`` like
+the other factors, and weighted like the items under frequency weighting).
+
+``time-mf`` (:mod:`recsys_flowadam.models.time_axis`, :mod:`recsys_flowadam.models.timeaware`)
+is biased MF whose biases move with time: ``item_time_bias`` (n_items, n_bins) and
+``user_drift_bias`` (n_users,) are biases (zero start, ``bias_reg``; weighted like their mode).
+
 Optional frequency weighting of the penalty (``Objective.weights``, "weighted-lambda" as in
 ALS-WR, Zhou et al. 2008; also what per-rating SGD regularisation as in Funk/Surprise
 minimises): row ``u`` of U (and ``b_u``) is penalised with weight ``n_u / n`` (its share
@@ -24,12 +32,14 @@ of the training ratings) instead of 1, likewise items and contexts; the default 
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
+from typing import Any
 
 import torch
 
-MODEL_TYPES = ("mf", "biased-mf", "cp")
+MODEL_TYPES = ("mf", "biased-mf", "cp", "svdpp", "time-mf")
 LOSSES = ("mse", "huber")
-PARAM_ORDER = ("user_factors", "item_factors", "context_factors", "user_bias", "item_bias")
+PARAM_ORDER = ("user_factors", "item_factors", "context_factors", "implicit_factors", "user_bias", "item_bias",
+                "item_time_bias", "user_drift_bias")
 
 
 @dataclass(frozen=True)
@@ -54,10 +64,14 @@ class ModelSpec:
             raise ValueError("the mf model has no biases; use biased-mf")
         if self.model_type == "biased-mf" and self.biases is False:
             raise ValueError("biased-mf always has biases; use mf for a model without them")
+        if self.model_type == "svdpp" and self.biases is False:
+            raise ValueError("svdpp always has biases")
+        if self.model_type == "time-mf" and (self.biases is False or self.n_contexts < 1):
+            raise ValueError("time-mf always has biases and needs n_contexts >= 1 (its time bins)")
 
     @property
     def has_biases(self) -> bool:
-        return self.model_type == "biased-mf" or (self.model_type == "cp" and bool(self.biases))
+        return self.model_type in ("biased-mf", "svdpp", "time-mf") or (self.model_type == "cp" and bool(self.biases))
 
     @property
     def is_tensor(self) -> bool:
@@ -71,9 +85,14 @@ class ModelSpec:
         }
         if self.is_tensor:
             out["context_factors"] = (self.n_contexts, self.rank)
+        if self.model_type == "svdpp":  # SVD++'s implicit factors Y (models.svdpp)
+            out["implicit_factors"] = (self.n_items, self.rank)
         if self.has_biases:
             out["user_bias"] = (self.n_users,)
             out["item_bias"] = (self.n_items,)
+        if self.model_type == "time-mf":  # time-binned item biases and user drift (models.time_axis)
+            out["item_time_bias"] = (self.n_items, self.n_contexts)
+            out["user_drift_bias"] = (self.n_users,)
         return out
 
     def to_dict(self) -> dict:
@@ -85,7 +104,8 @@ class Objective:
     """The training loss: data term, L2 penalties and the constant prediction offset.
 
     ``weights`` (optional): mode name ("user", "item", "context") -> per-row penalty weight
-    tensor; absent means uniform weight 1 (see the module docstring).
+    tensor; absent means uniform weight 1 (see the module docstring). ``time``: the time axis
+    of ``time-mf`` (bin edges, user mean dates), part of its prediction like ``offset``.
     """
 
     reg: float = 0.0
@@ -94,6 +114,7 @@ class Objective:
     huber_delta: float = 1.0
     offset: float = 0.0
     weights: dict[str, torch.Tensor] | None = None
+    time: Any = None  # time-mf: its models.time_axis.TimeAxis (torch tensors on the data's device)
 
     def __post_init__(self) -> None:
         if self.loss not in LOSSES:
@@ -120,7 +141,8 @@ class Objective:
     def _row_weights(self, name: str) -> torch.Tensor | None:
         if not self.weights:
             return None
-        return self.weights.get(name.split("_")[0])
+        own = self.weights.get(name)  # a parameter's own weights (time-mf's time terms) before its mode's
+        return own if own is not None else self.weights.get(name.split("_")[0])
 
     def penalty(self, params: dict[str, torch.Tensor]) -> torch.Tensor:
         """The L2 terms; differentiable (used by the autograd paths)."""
@@ -190,6 +212,8 @@ def predict(
 
     Differentiable: the mini-batch path and the autograd reference are built on it.
     """
+    if "implicit_factors" in params:
+        raise ValueError("svdpp predictions need the implicit feedback: use models.svdpp_autograd.svdpp_predict")
     u = params["user_factors"][users]
     v = params["item_factors"][items]
     if "context_factors" in params:

@@ -5,10 +5,13 @@ For a user ``u``, item ``i`` (and context ``c`` for cp)::
     rating = offset [+ b_u[u] + b_i[i]] + sum_k U[u,k] V[i,k] [W[c,k]]
 
 where cp without a context uses the mean of W over contexts (the expected rating over a
-uniformly chosen context). A user or item without training ratings has never-fitted factors,
-and an index < 0 stands for an ID the model does not list: either makes the pair *cold*, and a
-cold pair gets ``global_mean`` plus whichever of the two biases is known (0 for mf). Ratings
-are clipped to the rating scale unless asked not to.
+uniformly chosen context) and SVD++ reads its effective user factors ``U + N Y`` as ``U``;
+time-mf's biases are b_u(t), b_i(t) at the rating's timestamp (``contexts``; none: the latest
+training time, see ``models.time_axis``).
+A user or item without training ratings has never-fitted factors, and an index < 0 stands for
+an ID the model does not list: either makes the pair *cold*, and a cold pair gets ``global_mean``
+plus whichever of the two biases is known (0 for mf). Ratings are clipped to the rating scale
+unless asked not to.
 
 :class:`RatingRule` evaluates this on numpy arrays or torch tensors alike (the same operations
 in the same order, picked by the parameters' type), so training evaluation, ``evaluate`` and
@@ -30,9 +33,11 @@ import numpy as np
 
 if TYPE_CHECKING:
     from recsys_flowadam.artifact import Artifact
+    from recsys_flowadam.models.time_axis import TimeAxis
 
 Array = Any  # a numpy.ndarray or a torch.Tensor; one call never mixes the two
 PARAM_NAMES = ("user_factors", "item_factors", "user_bias", "item_bias", "context_factors")
+TIME_PARAM_NAMES = ("item_time_bias", "user_drift_bias")  # time-mf (models.time_axis)
 
 
 class Scale(Protocol):
@@ -97,6 +102,7 @@ class RatingRule:
     scale: Scale
     seen_users: Array  # bool (n_users,)
     seen_items: Array  # bool (n_items,)
+    time: TimeAxis | None = None  # time-mf: contexts are timestamps (seconds), biases move with them
 
     def known(self, users: Array, items: Array) -> tuple[Array, Array]:
         """``(known_user, known_item)`` masks for index arrays (-1 = not listed)."""
@@ -117,6 +123,10 @@ class RatingRule:
         cold = ~(su & si)
         if "user_bias" in p:
             bu, bi = take_rows(p["user_bias"], u), take_rows(p["item_bias"], i)
+            if self.time is not None:  # time-mf: b_u(t), b_i(t) at the timestamps (none: at `now`)
+                from recsys_flowadam.models.time_axis import time_biases
+
+                bu, bi = time_biases(p, self.time, u, i, contexts)
             pred = pred + bu + bi
             fallback = self.global_mean + known_bias(bu, su) + known_bias(bi, si)
         else:
@@ -125,14 +135,39 @@ class RatingRule:
         return (clip_ratings(pred, self.scale) if clip else pred), cold
 
 
+def implicit_user_factors(user_factors: np.ndarray, implicit_factors: np.ndarray, indptr: np.ndarray,
+                          items: np.ndarray, n_items: int) -> np.ndarray:
+    """SVD++'s effective user factors ``Z = U + N Y`` (float32) from the CSR of training pairs:
+    row ``u`` of ``N`` is ``|N(u)|^{-1/2}`` on the distinct items ``u`` rated (as ``models.implicit``)."""
+    from scipy import sparse  # only SVD++ artifacts need it
+
+    n_users = len(indptr) - 1
+    rows = np.repeat(np.arange(n_users, dtype=np.int64), np.diff(indptr))
+    key = np.unique(rows * n_items + np.asarray(items, dtype=np.int64))
+    rows, cols = key // n_items, key % n_items
+    weights = 1.0 / np.sqrt(np.maximum(np.bincount(rows, minlength=n_users), 1))[rows]
+    N = sparse.csr_matrix((weights, (rows, cols)), shape=(n_users, n_items))
+    sums = N @ np.asarray(implicit_factors, dtype=np.float64)
+    return (np.asarray(user_factors, dtype=np.float64) + sums).astype(np.float32)
+
+
 def rule_from_artifact(artifact: Artifact) -> RatingRule:
-    """The rule over an artifact's tensors (float32 numpy, not copied) and metadata."""
+    """The rule over an artifact's tensors (float32 numpy, not copied) and metadata; for SVD++
+    the user factors are the effective ones, ``U + N Y`` (:func:`implicit_user_factors`)."""
     t, meta = artifact.tensors, artifact.meta
-    params = {name: np.asarray(t[name], dtype=np.float32) for name in PARAM_NAMES if name in t}
+    params = {name: np.asarray(t[name], dtype=np.float32) for name in PARAM_NAMES + TIME_PARAM_NAMES if name in t}
+    if "implicit_factors" in t:
+        params["user_factors"] = implicit_user_factors(params["user_factors"], t["implicit_factors"],
+                                                       t["train_indptr"], t["train_items"], meta.n_items)
     seen_users, seen_items = seen_from_csr(np.asarray(t["train_indptr"]), np.asarray(t["train_items"]),
                                            meta.n_items)
+    time = None
+    if meta.model_type == "time-mf":
+        from recsys_flowadam.models.time_axis import USER_DAY_TENSOR, USER_SPAN_TENSOR, time_axis_from_meta
+
+        time = time_axis_from_meta(meta.time_axis.model_dump(), t[USER_DAY_TENSOR], t[USER_SPAN_TENSOR])
     return RatingRule(params, float(meta.prediction_offset), float(meta.global_mean), meta.rating_scale,
-                      seen_users, seen_items)
+                      seen_users, seen_items, time)
 
 
 def fold_rows(rule: RatingRule) -> tuple[np.ndarray, np.ndarray]:
@@ -145,9 +180,12 @@ def fold_rows(rule: RatingRule) -> tuple[np.ndarray, np.ndarray]:
         seen item:   e_i = 0;                                   cold item: V = 0, b_i = 0, e_i = 1
 
     so the dot product is the rule for seen pairs and the cold-start value otherwise (before
-    clipping). For cp, V[i] is V[i] * mean_c W[c] (the rule without a context).
+    clipping). For cp, V[i] is V[i] * mean_c W[c] (the rule without a context); for time-mf,
+    b_u and b_i are b_u(now) and b_i(now) (the rule without a timestamp).
     """
     p, su, si = rule.params, rule.seen_users, rule.seen_items
+    if rule.time is not None:
+        p = {**p, **_biases_now(rule)}
     U = np.asarray(p["user_factors"], dtype=np.float32)
     V = np.asarray(p["item_factors"], dtype=np.float32)
     if "context_factors" in p:
@@ -173,3 +211,14 @@ def fold_rows(rule: RatingRule) -> tuple[np.ndarray, np.ndarray]:
     item_rows[:n_items, rank + 2] = ~si
     item_rows[n_items, rank + 2] = 1.0
     return user_rows, item_rows
+
+
+def _biases_now(rule: RatingRule) -> dict[str, np.ndarray]:
+    """time-mf's ``user_bias`` and ``item_bias`` at the prediction time ``now`` (float32)."""
+    from recsys_flowadam.models.time_axis import item_bias_at, user_bias_at
+
+    users = np.arange(rule.seen_users.shape[0], dtype=np.int64)
+    items = np.arange(rule.seen_items.shape[0], dtype=np.int64)
+    params = {k: np.asarray(v, dtype=np.float32) for k, v in rule.params.items()}
+    return {"user_bias": user_bias_at(params, rule.time, users, rule.time.times(None, users)),
+            "item_bias": item_bias_at(params, rule.time, items, rule.time.times(None, items))}

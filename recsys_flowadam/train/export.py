@@ -22,11 +22,12 @@ HISTORY_NAME = "metrics.jsonl"
 
 def train_csr(train: Ratings) -> tuple[np.ndarray, np.ndarray]:
     """CSR row pointer and column indices (items sorted within each user) of the training ratings."""
-    order = np.lexsort((train.items, train.users))
+    width = np.int64(max(train.n_items, 1))  # one sort of user * width + item: 10x lexsort's speed at 10M
+    keys = np.sort(train.users.astype(np.int64) * width + train.items)
     counts = np.bincount(train.users, minlength=train.n_users)
     indptr = np.zeros(train.n_users + 1, dtype=np.int64)
     np.cumsum(counts, out=indptr[1:])
-    return indptr, train.items[order].astype(np.int64)
+    return indptr, (keys % width).astype(np.int64)
 
 
 def _titles(ratings: Ratings) -> list[str | None] | None:
@@ -67,7 +68,19 @@ def artifact_payload(
                       "diagnostics": json_safe(result.diagnostics)},
         "metrics": json_safe(dict(metrics)),
     }
+    if result.objective.time is not None:  # time-mf: what its rule needs besides the parameters
+        tensors["user_mean_day"], tensors["user_day_span"], meta["time_axis"] = time_axis_payload(result.objective.time)
     return tensors, meta
+
+
+def time_axis_payload(axis) -> tuple[np.ndarray, np.ndarray, dict[str, Any]]:
+    """``(user_mean_day, user_day_span, time_axis block)`` of time-mf's axis (``models.time_axis.TimeAxis``)."""
+    def host(a) -> np.ndarray:
+        return a.detach().cpu().numpy() if hasattr(a, "detach") else np.asarray(a)
+
+    return (np.ascontiguousarray(host(axis.user_day), dtype=np.float32),
+            np.ascontiguousarray(host(axis.user_span), dtype=np.float32),
+            {"edges": [float(e) for e in host(axis.edges)], "now": float(axis.now), "beta": float(axis.beta)})
 
 
 def write_history(directory: str | Path, history: list[dict[str, Any]]) -> Path:

@@ -23,6 +23,9 @@ from recsys_flowadam.models import (
     has_duplicates,
 )
 from recsys_flowadam.models.prediction import seen_in_training
+from recsys_flowadam.models.time_axis import DEFAULT_TIME_BINS
+from recsys_flowadam.models.timeaware import fit_axis, time_coords, time_penalty_weights, torch_axis
+from recsys_flowadam.models.svdpp import EffectiveParams, implicit_of, implicit_row_weights
 from recsys_flowadam.train.config import TrainConfig
 from recsys_flowadam.train.metrics import Predictor
 
@@ -43,13 +46,17 @@ class Problem:
 
     def predictor(self, params: dict[str, torch.Tensor]) -> Predictor:
         """The prediction rule on ``params`` (live tensors: it follows their updates)."""
+        if self.spec.model_type == "svdpp":  # the rule reads Z = U + N Y as the user factors
+            params = EffectiveParams(params, implicit_of(self.spec, self.coords))
         return Predictor(params, self.objective.offset, self.global_mean, self.scale, self.seen_users,
-                         self.seen_items)
+                         self.seen_items, time=self.objective.time)
 
     def coords_of(self, ratings: Ratings | None) -> Coords | None:
         """Other ratings (validation) like the training ones: same device, dtype, contexts; None if empty."""
         if ratings is None or len(ratings) == 0:
             return None
+        if self.objective.time is not None:  # time-mf: contexts are the timestamps
+            return time_coords(ratings, device=self.device, dtype=self.dtype)
         return coords_from_ratings(ratings, device=self.device, dtype=self.dtype, use_contexts=self.spec.is_tensor)
 
 
@@ -104,27 +111,49 @@ def build_problem(train: Ratings, config: TrainConfig, device: torch.device) -> 
     if is_cp and train.n_contexts < 1:
         raise ValueError(_cp_needs_contexts(train))
     spec = ModelSpec(config.model, train.n_users, train.n_items, config.rank,
-                     n_contexts=train.n_contexts if is_cp else 0, biases=config.cp_biases if is_cp else None)
+                     n_contexts=train.n_contexts if is_cp else _time_bins(config, train),
+                     biases=config.cp_biases if is_cp else None)
     check_memory(spec, dtype, device)
     center = spec.has_biases if config.center is None else config.center
-    coords = coords_from_ratings(train, device=device, dtype=dtype, use_contexts=is_cp)
-    objective = Objective(reg=config.reg, bias_reg=config.effective_bias_reg, loss=config.loss,
+    axis = _time_axis(spec, train, device)  # time-mf: its coordinates carry the timestamps
+    coords = (coords_from_ratings(train, device=device, dtype=dtype, use_contexts=is_cp) if axis is None
+              else time_coords(train, device=device, dtype=dtype))
+    objective = Objective(reg=config.reg_for(float(train.values.std())), bias_reg=config.effective_bias_reg,
+                          loss=config.loss,
                           huber_delta=config.huber_delta, offset=train.mean if center else 0.0,
-                          weights=_row_weights(config, spec, coords, dtype))
+                          weights=_row_weights(config, spec, coords, dtype), time=axis)
     return Problem(spec, objective, coords, train.mean, train.scale,
                    *seen_in_training(coords.users, coords.items, spec.n_users, spec.n_items),
                    device=device, dtype=dtype)
+
+
+def _time_bins(config: TrainConfig, train: Ratings) -> int:
+    """time-mf's number of time bins: N of ``--context time:N`` when given (the ratings then carry
+    N context bins), else ``DEFAULT_TIME_BINS``; 0 for the other models."""
+    if config.model != "time-mf":
+        return 0
+    return train.n_contexts or DEFAULT_TIME_BINS
+
+
+def _time_axis(spec: ModelSpec, train: Ratings, device: torch.device):
+    """time-mf's time axis (``models.time_axis``) of the training ratings, on ``device``; None otherwise."""
+    if spec.model_type != "time-mf":
+        return None
+    return torch_axis(fit_axis(train, spec.n_contexts), device)
 
 
 def _row_weights(config: TrainConfig, spec: ModelSpec, coords: Coords,
                  dtype: torch.dtype) -> dict[str, torch.Tensor] | None:
     """Per-row penalty weights n_row / n for ``reg_weighting="frequency"``; None for uniform."""
     if config.reg_weighting != "frequency":
-        return None
+        return time_penalty_weights(spec, None, coords.users.device, dtype)  # None unless time-mf
     modes = {"user": (coords.users, spec.n_users), "item": (coords.items, spec.n_items)}
     if spec.is_tensor:
         modes["context"] = (coords.contexts, spec.n_contexts)
-    return {name: torch.bincount(index, minlength=n).to(dtype) / len(coords) for name, (index, n) in modes.items()}
+    weights = {name: torch.bincount(index, minlength=n).to(dtype) / len(coords) for name, (index, n) in modes.items()}
+    if spec.model_type == "svdpp":  # SVD++'s implicit factors (models.svdpp)
+        weights["implicit"] = implicit_row_weights(spec, coords)
+    return {**weights, **(time_penalty_weights(spec, weights, coords.users.device, dtype) or {})}
 
 
 def choose_run_path(config: TrainConfig, spec: ModelSpec, coords: Coords, largest_shard: int,
