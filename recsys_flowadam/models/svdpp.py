@@ -135,16 +135,8 @@ def _refuse_distributed() -> None:
 def make_svdpp_path(representation: str, spec: ModelSpec, coords: Coords, objective: Objective) -> SvdppPath:
     """SVD++'s gradient path for ``representation`` (dense, sparse or minibatch: biased MF's path
     of that name underneath), over the implicit feedback of ``coords``."""
-    from recsys_flowadam.models.dense import DensePath
-    from recsys_flowadam.models.minibatch import MiniBatchPath
-    from recsys_flowadam.models.sparse import SparsePath
+    from recsys_flowadam.models import make_path
 
     _refuse_distributed()
-    inner = _data_only(objective)
-    if representation == "minibatch":
-        base = MiniBatchPath(coords, inner)
-    elif representation in ("dense", "sparse"):
-        base = (DensePath if representation == "dense" else SparsePath)(spec, coords, inner)
-    else:
-        raise ValueError(f"unknown representation {representation!r} for svdpp; choose dense, sparse or minibatch")
+    base = make_path(representation, replace(spec, model_type="biased-mf"), coords, _data_only(objective))
     return SvdppPath(base, implicit_of(spec, coords), objective)

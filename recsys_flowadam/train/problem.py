@@ -25,6 +25,7 @@ from recsys_flowadam.models import (
 from recsys_flowadam.models.prediction import seen_in_training
 from recsys_flowadam.models.time_axis import DEFAULT_TIME_BINS
 from recsys_flowadam.models.timeaware import fit_axis, time_coords, time_penalty_weights, torch_axis
+from recsys_flowadam.models.implicit import ImplicitFeedback
 from recsys_flowadam.models.svdpp import EffectiveParams, implicit_of, implicit_row_weights
 from recsys_flowadam.train.config import TrainConfig
 from recsys_flowadam.train.metrics import Predictor
@@ -43,11 +44,12 @@ class Problem:
     seen_items: torch.Tensor
     device: torch.device
     dtype: torch.dtype
+    implicit: ImplicitFeedback | None = None  # svdpp: N of the training ratings, built once
 
     def predictor(self, params: dict[str, torch.Tensor]) -> Predictor:
         """The prediction rule on ``params`` (live tensors: it follows their updates)."""
         if self.spec.model_type == "svdpp":  # the rule reads Z = U + N Y as the user factors
-            params = EffectiveParams(params, implicit_of(self.spec, self.coords))
+            params = EffectiveParams(params, self.implicit)
         return Predictor(params, self.objective.offset, self.global_mean, self.scale, self.seen_users,
                          self.seen_items, time=self.objective.time)
 
@@ -118,13 +120,14 @@ def build_problem(train: Ratings, config: TrainConfig, device: torch.device) -> 
     axis = _time_axis(spec, train, device)  # time-mf: its coordinates carry the timestamps
     coords = (coords_from_ratings(train, device=device, dtype=dtype, use_contexts=is_cp) if axis is None
               else time_coords(train, device=device, dtype=dtype))
+    implicit = implicit_of(spec, coords) if spec.model_type == "svdpp" else None
     objective = Objective(reg=config.reg_for(float(train.values.std())), bias_reg=config.effective_bias_reg,
                           loss=config.loss,
                           huber_delta=config.huber_delta, offset=train.mean if center else 0.0,
-                          weights=_row_weights(config, spec, coords, dtype), time=axis)
+                          weights=_row_weights(config, spec, coords, dtype, implicit), time=axis)
     return Problem(spec, objective, coords, train.mean, train.scale,
                    *seen_in_training(coords.users, coords.items, spec.n_users, spec.n_items),
-                   device=device, dtype=dtype)
+                   device=device, dtype=dtype, implicit=implicit)
 
 
 def _time_bins(config: TrainConfig, train: Ratings) -> int:
@@ -142,8 +145,8 @@ def _time_axis(spec: ModelSpec, train: Ratings, device: torch.device):
     return torch_axis(fit_axis(train, spec.n_contexts), device)
 
 
-def _row_weights(config: TrainConfig, spec: ModelSpec, coords: Coords,
-                 dtype: torch.dtype) -> dict[str, torch.Tensor] | None:
+def _row_weights(config: TrainConfig, spec: ModelSpec, coords: Coords, dtype: torch.dtype,
+                 implicit: ImplicitFeedback | None = None) -> dict[str, torch.Tensor] | None:
     """Per-row penalty weights n_row / n for ``reg_weighting="frequency"``; None for uniform."""
     if config.reg_weighting != "frequency":
         return time_penalty_weights(spec, None, coords.users.device, dtype)  # None unless time-mf
@@ -152,7 +155,7 @@ def _row_weights(config: TrainConfig, spec: ModelSpec, coords: Coords,
         modes["context"] = (coords.contexts, spec.n_contexts)
     weights = {name: torch.bincount(index, minlength=n).to(dtype) / len(coords) for name, (index, n) in modes.items()}
     if spec.model_type == "svdpp":  # SVD++'s implicit factors (models.svdpp)
-        weights["implicit"] = implicit_row_weights(spec, coords)
+        weights["implicit"] = implicit_row_weights(spec, coords, implicit)
     return {**weights, **(time_penalty_weights(spec, weights, coords.users.device, dtype) or {})}
 
 
