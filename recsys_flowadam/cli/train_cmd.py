@@ -19,7 +19,7 @@ import os
 import sys
 from contextlib import contextmanager
 from types import UnionType
-from typing import TYPE_CHECKING, Annotated, Any, Callable, Collection, Iterator, Literal, Union, get_args, get_origin
+from typing import TYPE_CHECKING, Annotated, Any, Callable, Collection, Iterator, Literal, NoReturn, Union, get_args, get_origin
 
 if TYPE_CHECKING:
     from pydantic.fields import FieldInfo
@@ -252,16 +252,30 @@ def _handle(args: argparse.Namespace, config: TrainConfig, data: DataConfig) -> 
     except (ValueError, distributed.PeerLostError) as exc:
         raise CLIError(str(exc)) from None
     try:
-        return _run(args, config, data, quiet=not dctx.is_main)
-    except CLIError as exc:
+        status = _run(args, config, data, quiet=not dctx.is_main)
+        dctx.barrier("the final barrier")  # rank 0 has saved; no rank leaves while another still talks
+    except (CLIError, distributed.PeerLostError) as exc:
         # After a failed collective the process group cannot be torn down reliably: destroying
         # it, or the interpreter's own exit, can hang or abort (gloo's threads raised SIGABRT
         # at exit after a peer hung). Report and leave at once; torchrun sees the exit status.
-        print(f"recsys-flowadam: error: {exc}", file=sys.stderr, flush=True)
-        sys.stdout.flush()
-        os._exit(2)
-    finally:
+        _leave(2, f"recsys-flowadam: error: {exc}")
+    except BaseException:
         distributed.shutdown()
+        raise
+    distributed.shutdown()
+    # Even after a clean run, interpreter finalization with gloo's threads around can abort (a rank
+    # of a successful 2-rank run died with SIGABRT, "terminate called without an active exception",
+    # once on CI). Everything is saved and flushed by now: skip finalization.
+    _leave(status)
+
+
+def _leave(status: int, message: str | None = None) -> NoReturn:
+    """Flush, print ``message`` to stderr, and end the process with ``status`` at once."""
+    if message:
+        print(message, file=sys.stderr, flush=True)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(status)
 
 
 def _run(args: argparse.Namespace, config: TrainConfig, data: DataConfig, quiet: bool = False) -> int:
