@@ -571,3 +571,47 @@ def test_train_command_reports_the_path_it_chose(tmp_path, capsys):
     assert main([*argv, "--out", str(tmp_path / "b"), "--batch-size", "64"]) == 0
     text = capsys.readouterr().out
     assert "  path: minibatch, batches of 64 (--batch-size given)" in text.splitlines()
+
+
+def _wreck_at(step_to_wreck, params_seen):
+    """An ``on_step`` that multiplies the factors by 50 after step ``step_to_wreck``: a loss-raising
+    last step, as FlowAdam's ODE branch can take on a plateau."""
+    def on_step(step):
+        if step == step_to_wreck:
+            with torch.no_grad():
+                for name, p in params_seen().items():
+                    if name.endswith("factors"):
+                        p.mul_(50.0)
+    return on_step
+
+
+@pytest.mark.parametrize("keep", [False, True], ids=["plain", "guarded"])
+def test_a_run_without_validation_can_end_on_its_lowest_objective(data, keep, monkeypatch):
+    """``keep_lowest_objective`` (what the refit uses): a wrecked last step is undone, back to the
+    lowest-objective evaluation step; without it the run ends on the wreck."""
+    import recsys_flowadam.train.trainer as trainer_module
+
+    train, _val, test = data
+    seen = {}
+    real_init = trainer_module.init_params
+
+    def capture_init(*args, **kwargs):
+        seen["params"] = real_init(*args, **kwargs)
+        return seen["params"]
+
+    monkeypatch.setattr(trainer_module, "init_params", capture_init)
+    cfg = TrainConfig(model="biased-mf", optimizer="adam", rank=3, lr=0.02, reg=1e-3, steps=60, eval_every=10,
+                      seed=0, device="cpu", representation="sparse")
+    result = train_model(train, None, cfg, on_step=_wreck_at(60, lambda: seen["params"]),
+                         keep_lowest_objective=keep)
+    rmse = _val_rmse(result, test)
+    clean = train_model(train, None, TrainConfig(**{**cfg.to_dict(), "steps": 50}))
+    if keep:
+        assert result.extra["objective_guard"]["restored_step"] == 50
+        assert result.extra["objective_guard"]["final_objective"] > 10 * result.extra["objective_guard"]["objective"]
+        for name, p in clean.params.items():  # exactly the parameters after step 50
+            torch.testing.assert_close(result.params[name], p, rtol=0, atol=0)
+        assert result.grad_evals == 61  # 60 steps and the final objective
+    else:
+        assert "objective_guard" not in result.extra
+        assert rmse > 5 * _val_rmse(clean, test)

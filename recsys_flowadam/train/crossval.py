@@ -25,7 +25,7 @@ from recsys_flowadam.data.ratings import Ratings
 from recsys_flowadam.data.splits import CANONICAL, Split
 from recsys_flowadam.train.config import DataConfig, TrainConfig
 from recsys_flowadam.train.context import parse_context, time_bin_edges, with_time_contexts
-from recsys_flowadam.train.pipeline import ARTIFACT_COMPANIONS, Fit, evaluate_ratings, fit_and_score
+from recsys_flowadam.train.pipeline import ARTIFACT_COMPANIONS, Fit, evaluate_ratings, fit_and_score, refit_restored
 from recsys_flowadam.train.trainer import NonFiniteLossError
 
 # what the summary gives mean and std of
@@ -112,7 +112,8 @@ def _fold_row(fold: str, split: Split, fit: Fit, test: dict[str, Any], seconds: 
         "steps": result.steps, "best_step": result.best_step, "stopped": result.stopped,
         "grad_evals": result.grad_evals, "ode_triggers": int(result.diagnostics.get("ode_triggers", 0) or 0),
         "train_seconds": round(result.train_seconds, 4), "seconds": round(seconds, 4),
-        "refit": bool(result.extra.get("refit")), "representation": result.representation,
+        "refit": bool(result.extra.get("refit")), "refit_restored": refit_restored(result),
+        "representation": result.representation,
         "path_choice": result.path_choice, "device": result.device,
         "reg": fit.config.reg, "bias_reg": fit.config.bias_reg, "reg_search": fit.reg_search,
     }

@@ -98,6 +98,8 @@ def _merge_refit(first: TrainResult, refit: TrainResult, n_fit: int) -> TrainRes
     refit.train_seconds += first.train_seconds
     refit.history = first.history + [{**h, "phase": "refit"} for h in refit.history]
     refit.extra["refit"] = {"steps": refit.steps, "n_ratings": n_fit}
+    if "objective_guard" in refit.extra:  # the refit ended on an earlier, lower-objective step
+        refit.extra["refit"]["restored"] = refit.extra.pop("objective_guard")
     refit.best_step, refit.stopped, refit.steps = first.best_step, first.stopped, first.steps + refit.steps
     refit.best_val_rmse, refit.resumed_from = first.best_val_rmse, first.resumed_from  # the refit has no val
     return refit
@@ -112,7 +114,8 @@ def _refit(first: TrainResult, train: Ratings, val: Ratings | None, config: Trai
     fit_ratings = concat_ratings(train, val)
     refit = train_model(fit_ratings, None, replace(config, steps=max(first.best_step, 1), epochs=None,
                                                    patience=0, checkpoint_every=0), progress=progress,
-                        path_choice=first.path_choice or None)  # the first run's path and schedule
+                        path_choice=first.path_choice or None,  # the first run's path and schedule
+                        keep_lowest_objective=True)  # no validation: never end on a loss-raising step
     return _merge_refit(first, refit, len(fit_ratings)), fit_ratings
 
 
@@ -171,7 +174,14 @@ def run_metrics(result: TrainResult) -> dict[str, Any]:
     """What a run's metrics record of the run itself: steps, stopping, evaluations, time, final loss."""
     return {"steps": result.steps, "best_step": result.best_step, "grad_evals": result.grad_evals,
             "stopped": result.stopped, "train_seconds": result.train_seconds,
-            "final_train_loss": result.history[-1]["train_loss"] if result.history else None}
+            "final_train_loss": result.history[-1]["train_loss"] if result.history else None,
+            "refit_restored": refit_restored(result)}
+
+
+def refit_restored(result: TrainResult) -> dict[str, Any] | None:
+    """Where the refit's objective guard put the parameters back to, if it did (else None)."""
+    refit = result.extra.get("refit")
+    return refit.get("restored") if isinstance(refit, dict) else None
 
 
 def _used(result: TrainResult) -> dict[str, Any]:
@@ -217,7 +227,8 @@ def _summary(data: DataSettings, fit: Fit, split: Split, metrics: dict[str, Any]
         "grad_evals": result.grad_evals, "ode_triggers": int(diag.get("ode_triggers", 0) or 0),
         "train_seconds": round(result.train_seconds, 4), "total_seconds": round(time.perf_counter() - t_start, 4),
         "device": result.device, "representation": result.representation, "path_choice": result.path_choice,
-        "resumed_from": result.resumed_from, "refit": bool(result.extra.get("refit")), "out": str(out_dir),
+        "resumed_from": result.resumed_from, "refit": bool(result.extra.get("refit")),
+        "refit_restored": refit_restored(result), "out": str(out_dir),
         "world_size": 1 if dctx is None else dctx.world_size,
         "reg": config.reg, "bias_reg": config.bias_reg, "reg_search": fit.reg_search,
     }

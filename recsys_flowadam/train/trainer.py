@@ -64,6 +64,7 @@ from recsys_flowadam.train.distributed import DistContext, PeerLostError
 from recsys_flowadam.train.distributed import current as current_distributed
 from recsys_flowadam.train.evaluator import Evaluator, stop_agreement
 from recsys_flowadam.train.loop_state import Checkpointer, LoopState, Snapshot, fingerprint
+from recsys_flowadam.train.objective_guard import ObjectiveGuard
 from recsys_flowadam.train.metrics import Predictor
 from recsys_flowadam.train.optimizers import CountingClosure, build_optimizer, optimizer_diagnostics
 from recsys_flowadam.train.problem import build_problem, choose_run_path
@@ -186,8 +187,10 @@ class StepDriver:
 
     def __init__(self, *, state: LoopState, source: BatchSource, closure: GradientClosure,
                  opt: torch.optim.Optimizer, evaluator: Evaluator, checkpointer: Checkpointer, limit: int,
-                 on_step: Callable[[int], None] | None, bar: Any, lr_decay: LrDecay | None = None) -> None:
+                 on_step: Callable[[int], None] | None, bar: Any, lr_decay: LrDecay | None = None,
+                 guard: ObjectiveGuard | None = None) -> None:
         self.state, self.source, self.closure, self.opt = state, source, closure, opt
+        self.guard = guard
         self.lr_decay = lr_decay
         self.evaluator, self.checkpointer, self.limit = evaluator, checkpointer, limit
         self.on_step, self.bar = on_step, bar
@@ -245,6 +248,8 @@ class StepDriver:
         """Read the pending losses (one transfer), raise at the first non-finite one, sum the rest."""
         st = self.state
         first, values = self.pending.read()
+        if self.guard is not None:
+            self.guard.score(first, values)
         for k, value in enumerate(values):
             if not math.isfinite(value):
                 raise NonFiniteLossError(first + k, value, *self.checkpointer.last_good(st), checked_at=st.step)
@@ -266,7 +271,18 @@ class StepDriver:
             self.bar.set_postfix(loss=f"{record['train_loss']:.4f}")
         record["seconds"] = round(self._elapsed(), 4)
         st.history.append(record)
+        if self.guard is not None and st.step < self.limit:
+            self.guard.offer(st.step)
         return self.evaluator.decide_stop(st)
+
+    def finish_guard(self) -> dict[str, float | int] | None:
+        """End on the lowest-objective parameters seen (one more objective evaluation); what was
+        restored, if anything."""
+        if self.guard is None:
+            return None
+        restored = self.guard.finish(self.state.step, self.counter)
+        self.state.grad_evals = self.counter.calls
+        return restored
 
     def _checkpoint(self) -> None:
         """Save the run, unless the parameters already hold non-finite numbers."""
@@ -371,6 +387,7 @@ def train_model(
     distributed: DistContext | None = None,
     data_identity: Mapping[str, Any] | None = None,
     path_choice: Mapping[str, Any] | None = None,
+    keep_lowest_objective: bool = False,
 ) -> TrainResult:
     """Fit ``config.model`` to ``train``, early-stopping on ``val``; see the module docstring.
 
@@ -382,7 +399,9 @@ def train_model(
     rank passes the same ``train``/``val``/``config``; only rank 0 checkpoints and its result
     holds the best (early-stopped) parameters. ``path_choice``: a path already chosen
     (``TrainResult.path_choice`` of an earlier run: a refit takes its first run's), else
-    :func:`~recsys_flowadam.train.problem.choose_run_path` decides.
+    :func:`~recsys_flowadam.train.problem.choose_run_path` decides. ``keep_lowest_objective``
+    (a full-batch run without ``val``: the refit): end on the parameters of lowest training
+    objective among those at the evaluation steps and the last (:mod:`.objective_guard`).
     """
     if len(train) == 0:
         raise ValueError("no training ratings")
@@ -411,12 +430,15 @@ def train_model(
     state = _resume(checkpointer, params, opt, evaluator, source, limit) if resume else LoopState()
     resumed_from = state.step if resume else None
     bar = _progress_bar(config, limit, state.step, show=progress and data.is_main)
+    guard = (ObjectiveGuard(params) if keep_lowest_objective and val is None and choice.representation != "minibatch"
+             else None)
     driver = StepDriver(state=state, source=source, closure=GradientClosure(path, params, data), opt=opt,
                         evaluator=evaluator, checkpointer=checkpointer, limit=limit, on_step=on_step, bar=bar,
-                        lr_decay=lr_decay)
+                        lr_decay=lr_decay, guard=guard)
     cpu_minibatch = device.type == "cpu" and choice.representation == "minibatch"
     with torch_threads(loop_threads(device, choice)), retained_heap() if cpu_minibatch else nullcontext():
         stopped = driver.run()
+        restored = driver.finish_guard()
     evaluator.finish(state)
     final = {k: p.detach() for k, p in params.items()}
     return TrainResult(
@@ -425,5 +447,6 @@ def train_model(
         epochs=source.epochs_done(state), grad_evals=state.grad_evals, diagnostics=optimizer_diagnostics(opt),
         best_step=state.best_step, best_val_rmse=evaluator.best_val_rmse(state), train_seconds=state.elapsed,
         representation=choice.representation, device=str(device), stopped=stopped, global_mean=problem.global_mean,
-        resumed_from=resumed_from, extra=dict(data.extra), path_choice=choice.to_dict(),
+        resumed_from=resumed_from, extra={**data.extra, **({"objective_guard": restored} if restored else {})},
+        path_choice=choice.to_dict(),
     )
