@@ -1,6 +1,6 @@
-"""time-mf (biased MF + time-binned item biases + user drift): gradients against autograd, the
-rating rule on numpy and torch, the artifact round trip through ``evaluate`` and the service,
-and its defaults against the training mean."""
+"""time-mf (biased MF + time-binned item biases + user drift) and time-svdpp (SVD++ with the same
+time terms): gradients against autograd, the rating rule on numpy and torch, the artifact round
+trip through ``evaluate`` and the service, and the defaults against the training mean."""
 
 from __future__ import annotations
 
@@ -13,9 +13,12 @@ import torch
 from fastapi.testclient import TestClient
 
 from recsys_flowadam.artifact import load_artifact, save_artifact
+from recsys_flowadam.models import make_path
 from recsys_flowadam.models.coords import Coords
 from recsys_flowadam.models.factorization import ModelSpec, Objective, init_params
 from recsys_flowadam.models.prediction import RatingRule, fold_rows, rule_from_artifact
+from recsys_flowadam.models.svdpp import implicit_of
+from recsys_flowadam.models.svdpp_autograd import SvdppAutogradPath
 from recsys_flowadam.models.time_axis import SECONDS_PER_DAY, fit_time_axis
 from recsys_flowadam.models.timeaware import (TimeAutogradPath, TimeDensePath, TimeGatherPath, TimeSparsePath,
                                               torch_axis)
@@ -37,7 +40,7 @@ def _toy(n: int = 300, seed: int = 0):
     return users, items, ts, rng.integers(1, 6, n).astype(np.float64)
 
 
-def _problem(loss: str, weighted: bool):
+def _problem(loss: str, weighted: bool, model: str = "time-mf"):
     users, items, ts, y = _toy()
     axis = torch_axis(fit_time_axis(users, ts, N_USERS, N_BINS), "cpu")
     coords = Coords(torch.from_numpy(users), torch.from_numpy(items), torch.from_numpy(y), torch.from_numpy(ts))
@@ -49,8 +52,9 @@ def _problem(loss: str, weighted: bool):
         # the time terms' own weights (models.timeaware.time_penalty_weights) take precedence
         weights["item_time_bias"] = weights["item"] * 7.0
         weights["user_drift_bias"] = weights["user"] * 3.0
+        weights["implicit"] = torch.rand(N_ITEMS, generator=gen, dtype=torch.float64)  # time-svdpp's Y
     objective = Objective(reg=0.05, bias_reg=0.02, loss=loss, huber_delta=0.5, offset=3.5, weights=weights, time=axis)
-    spec = ModelSpec("time-mf", N_USERS, N_ITEMS, 4, n_contexts=N_BINS)
+    spec = ModelSpec(model, N_USERS, N_ITEMS, 4, n_contexts=N_BINS)
     params = init_params(spec, generator=gen, dtype=torch.float64)
     with torch.no_grad():  # biases away from their zero start, so every term carries a gradient
         for p in params.values():
@@ -81,6 +85,23 @@ def test_gradients_match_autograd(loss: str, weighted: bool) -> None:
         path = TimeGatherPath(coords, objective, scatter=scatter)
         batch = coords.select(torch.arange(0, len(coords), 3))
         _assert_close(path.loss_and_grad(params, batch), reference.loss_and_grad(params, batch))
+
+
+@pytest.mark.parametrize("loss", ["mse", "huber"])
+@pytest.mark.parametrize("weighted", [False, True], ids=["uniform", "frequency"])
+def test_time_svdpp_gradients_match_autograd(loss: str, weighted: bool) -> None:
+    """time-svdpp: SVD++'s paths over time-mf's, against autograd over both additions at once."""
+    spec, coords, objective, params = _problem(loss, weighted, model="time-svdpp")
+    implicit = implicit_of(spec, coords)
+    reference = SvdppAutogradPath(coords, objective, implicit)
+    want = reference.loss_and_grad(params)
+    for name in ("item_time_bias", "user_drift_bias", "implicit_factors"):
+        assert float(want[1][name].abs().sum()) > 0
+    for representation in ("dense", "sparse", "minibatch"):
+        _assert_close(make_path(representation, spec, coords, objective).loss_and_grad(params), want)
+    batch = coords.select(torch.arange(0, len(coords), 3))
+    _assert_close(make_path("minibatch", spec, coords, objective).loss_and_grad(params, batch),
+                  reference.loss_and_grad(params, batch))
 
 
 def _rule(params, axis, xp_torch: bool) -> RatingRule:
@@ -134,25 +155,28 @@ def _write_csv(path: Path, seed: int = 3) -> Path:
     return path
 
 
-@pytest.fixture(scope="module")
-def trained(tmp_path_factory):
-    root = tmp_path_factory.mktemp("time_mf")
+@pytest.fixture(scope="module", params=["time-mf", "time-svdpp"])
+def trained(tmp_path_factory, request):
+    model = request.param
+    root = tmp_path_factory.mktemp(model)
     data = DataSettings(dataset=f"csv:{_write_csv(root / 'r.csv')}", split="temporal",
                         data_options={"timestamp_col": 3})
     _ratings, split, _ = load_split(data, 0)
-    config = TrainConfig(model="time-mf", rank=4, steps=200, lr=0.02, device="cpu", refit=True)
+    config = TrainConfig(model=model, rank=4, steps=200, lr=0.02, device="cpu", refit=True)
     fit = fit_and_score(split.train, split.val, config)
     test = evaluate_ratings(fit.result.predictor, split.test, torch.device("cpu"))
     tensors, meta = artifact_payload(fit.result, fit.fit_ratings, dataset_name=data.dataset, split=data.split, seed=0,
                                      metrics={"test_rmse": test["rmse"]},
                                      train_config={**config.to_dict(), "data_options": data.data_options})
     save_artifact(root / "model", tensors, meta)
-    return {"dir": root / "model", "fit": fit, "split": split, "test": test, "data": data}
+    return {"dir": root / "model", "fit": fit, "split": split, "test": test, "data": data, "model": model}
 
 
 def test_artifact_round_trip_evaluate_and_serve(trained) -> None:
     art = load_artifact(trained["dir"])
-    assert art.meta.model_type == "time-mf" and art.meta.n_contexts >= 1
+    assert art.meta.model_type == trained["model"] and art.meta.n_contexts >= 1
+    if trained["model"] == "time-svdpp":
+        assert np.abs(art.tensors["implicit_factors"]).max() > 0  # Y was trained and saved
     assert len(art.meta.time_axis.edges) == art.meta.n_contexts - 1
     assert art.tensors["item_time_bias"].shape == (art.meta.n_items, art.meta.n_contexts)
     evaluated = evaluate_artifact(trained["dir"], device="cpu")

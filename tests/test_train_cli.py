@@ -171,7 +171,8 @@ def test_refit_trains_on_train_plus_val(tmp_path, capsys):
     refit = _run_json(capsys, [*args, "--refit", "--out", str(tmp_path / "refit")])
     assert refit["refit"] and not plain["refit"]
     assert refit["val_rmse"] == plain["val_rmse"]  # the first (early-stopping) run is the same
-    assert refit["grad_evals"] == plain["grad_evals"] + plain["best_step"]
+    # the refit: best_step steps, and one objective evaluation of its final parameters
+    assert refit["grad_evals"] == plain["grad_evals"] + plain["best_step"] + 1
     art = load_artifact(tmp_path / "refit")
     assert int(art.tensors["train_indptr"][-1]) == refit["n_train"] + refit["n_val"]
     assert art.meta.metrics["n_train_refit"] == refit["n_train"] + refit["n_val"]

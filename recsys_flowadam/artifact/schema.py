@@ -18,6 +18,8 @@ from typing import Any, Literal, Mapping
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from recsys_flowadam.models.kinds import IMPLICIT_MODELS, TIME_MODELS
+
 SCHEMA_VERSION = 1
 MODEL_JSON = "model.json"
 MODEL_TENSORS = "model.safetensors"
@@ -94,7 +96,7 @@ class ArtifactMeta(_Strict):
     """The ``model.json`` schema (format v1); unknown fields are an error."""
 
     schema_version: int
-    model_type: Literal["mf", "biased-mf", "cp", "svdpp", "time-mf"]
+    model_type: Literal["mf", "biased-mf", "cp", "svdpp", "time-mf", "time-svdpp"]
     rank: int = Field(ge=1)
     n_users: int = Field(ge=1)
     n_items: int = Field(ge=1)
@@ -106,7 +108,7 @@ class ArtifactMeta(_Strict):
     user_ids: list[str]
     item_ids: list[str]
     item_titles: list[str | None] | None = None
-    time_axis: TimeAxisInfo | None = None  # time-mf only
+    time_axis: TimeAxisInfo | None = None  # time-mf and time-svdpp only
     train_config: dict[str, Any] = Field(default_factory=dict)
     optimizer: OptimizerInfo
     metrics: dict[str, Any] = Field(default_factory=dict)
@@ -143,11 +145,11 @@ class ArtifactMeta(_Strict):
                 raise ValueError(f"{name} contains duplicate IDs")
         if self.item_titles is not None and len(self.item_titles) != self.n_items:
             raise ValueError(f"item_titles has {len(self.item_titles)} entries but n_items is {self.n_items}")
-        if (self.model_type in ("cp", "time-mf")) != (self.n_contexts > 0):
-            raise ValueError(f"n_contexts must be > 0 exactly for model_type 'cp' and 'time-mf' "
+        if (self.model_type in ("cp", *TIME_MODELS)) != (self.n_contexts > 0):
+            raise ValueError(f"n_contexts must be > 0 exactly for model_type 'cp', 'time-mf' and 'time-svdpp' "
                              f"(got {self.n_contexts} for '{self.model_type}')")
-        if (self.model_type == "time-mf") != (self.time_axis is not None):
-            raise ValueError("time_axis is required for model_type 'time-mf' and only for it")
+        if (self.model_type in TIME_MODELS) != (self.time_axis is not None):
+            raise ValueError("time_axis is required for model_type 'time-mf' and 'time-svdpp' and only for them")
         if self.time_axis is not None and len(self.time_axis.edges) != self.n_contexts - 1:
             raise ValueError(f"time_axis has {len(self.time_axis.edges)} edges for n_contexts {self.n_contexts} "
                              "(time bins): expected n_contexts - 1")
@@ -239,14 +241,14 @@ def expected_tensors(meta: ArtifactMeta) -> dict[str, tuple[np.dtype, tuple[int,
         "train_indptr": (i64, (meta.n_users + 1,)),
         "train_items": (i64, None),
     }
-    if meta.model_type in ("biased-mf", "svdpp", "time-mf"):
+    if meta.model_type in ("biased-mf", *IMPLICIT_MODELS, *TIME_MODELS):
         out["user_bias"] = (f32, (meta.n_users,))
         out["item_bias"] = (f32, (meta.n_items,))
     if meta.model_type == "cp":
         out["context_factors"] = (f32, (meta.n_contexts, meta.rank))
-    if meta.model_type == "svdpp":  # SVD++'s Y; the service sums it over train_indptr/train_items
+    if meta.model_type in IMPLICIT_MODELS:  # SVD++'s Y; the service sums it over train_indptr/train_items
         out["implicit_factors"] = (f32, (meta.n_items, meta.rank))
-    if meta.model_type == "time-mf":  # time-binned item biases, user drift and t_u (models.time_axis)
+    if meta.model_type in TIME_MODELS:  # time-binned item biases, user drift and t_u (models.time_axis)
         out["item_time_bias"] = (f32, (meta.n_items, meta.n_contexts))
         out["user_drift_bias"] = (f32, (meta.n_users,))
         out["user_mean_day"] = (f32, (meta.n_users,))

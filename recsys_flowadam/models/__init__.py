@@ -89,11 +89,11 @@ def make_path(representation: str, spec: ModelSpec, coords: Coords, objective: O
     from recsys_flowadam.models.representation import REPRESENTATIONS
     from recsys_flowadam.models.sparse import SparsePath
 
-    if spec.model_type == "svdpp":  # its own paths (models.svdpp)
+    if spec.has_implicit:  # its own paths (models.svdpp), over biased MF's or time-mf's
         from recsys_flowadam.models.svdpp import make_svdpp_path
 
         return make_svdpp_path(representation, spec, coords, objective)
-    if spec.model_type == "time-mf":  # its own paths (models.timeaware)
+    if spec.has_time:  # its own paths (models.timeaware)
         from recsys_flowadam.models.timeaware import make_time_path
 
         return make_time_path(representation, spec, coords, objective)

@@ -22,6 +22,8 @@ the other factors, and weighted like the items under frequency weighting).
 ``time-mf`` (:mod:`recsys_flowadam.models.time_axis`, :mod:`recsys_flowadam.models.timeaware`)
 is biased MF whose biases move with time: ``item_time_bias`` (n_items, n_bins) and
 ``user_drift_bias`` (n_users,) are biases (zero start, ``bias_reg``; weighted like their mode).
+``time-svdpp`` (timeSVD++ without its time-dependent user factors) is SVD++ with time-mf's
+moving biases: both additions at once, each as in its own model.
 
 Optional frequency weighting of the penalty (``Objective.weights``, "weighted-lambda" as in
 ALS-WR, Zhou et al. 2008; also what per-rating SGD regularisation as in Funk/Surprise
@@ -36,7 +38,8 @@ from typing import Any
 
 import torch
 
-MODEL_TYPES = ("mf", "biased-mf", "cp", "svdpp", "time-mf")
+from recsys_flowadam.models.kinds import IMPLICIT_MODELS, MODEL_TYPES, TIME_MODELS
+
 LOSSES = ("mse", "huber")
 PARAM_ORDER = ("user_factors", "item_factors", "context_factors", "implicit_factors", "user_bias", "item_bias",
                 "item_time_bias", "user_drift_bias")
@@ -64,14 +67,25 @@ class ModelSpec:
             raise ValueError("the mf model has no biases; use biased-mf")
         if self.model_type == "biased-mf" and self.biases is False:
             raise ValueError("biased-mf always has biases; use mf for a model without them")
-        if self.model_type == "svdpp" and self.biases is False:
-            raise ValueError("svdpp always has biases")
-        if self.model_type == "time-mf" and (self.biases is False or self.n_contexts < 1):
-            raise ValueError("time-mf always has biases and needs n_contexts >= 1 (its time bins)")
+        if self.has_implicit and self.biases is False:
+            raise ValueError(f"{self.model_type} always has biases")
+        if self.has_time and (self.biases is False or self.n_contexts < 1):
+            raise ValueError(f"{self.model_type} always has biases and needs n_contexts >= 1 (its time bins)")
 
     @property
     def has_biases(self) -> bool:
-        return self.model_type in ("biased-mf", "svdpp", "time-mf") or (self.model_type == "cp" and bool(self.biases))
+        return self.model_type in ("biased-mf", *IMPLICIT_MODELS, *TIME_MODELS) or (
+            self.model_type == "cp" and bool(self.biases))
+
+    @property
+    def has_implicit(self) -> bool:
+        """SVD++'s implicit factors ``Y`` (svdpp, time-svdpp)."""
+        return self.model_type in IMPLICIT_MODELS
+
+    @property
+    def has_time(self) -> bool:
+        """Time-binned item biases and user drift (time-mf, time-svdpp); n_contexts = the bins."""
+        return self.model_type in TIME_MODELS
 
     @property
     def is_tensor(self) -> bool:
@@ -85,12 +99,12 @@ class ModelSpec:
         }
         if self.is_tensor:
             out["context_factors"] = (self.n_contexts, self.rank)
-        if self.model_type == "svdpp":  # SVD++'s implicit factors Y (models.svdpp)
+        if self.has_implicit:  # SVD++'s implicit factors Y (models.svdpp)
             out["implicit_factors"] = (self.n_items, self.rank)
         if self.has_biases:
             out["user_bias"] = (self.n_users,)
             out["item_bias"] = (self.n_items,)
-        if self.model_type == "time-mf":  # time-binned item biases and user drift (models.time_axis)
+        if self.has_time:  # time-binned item biases and user drift (models.time_axis)
             out["item_time_bias"] = (self.n_items, self.n_contexts)
             out["user_drift_bias"] = (self.n_users,)
         return out
@@ -213,7 +227,7 @@ def predict(
     Differentiable: the mini-batch path and the autograd reference are built on it.
     """
     if "implicit_factors" in params:
-        raise ValueError("svdpp predictions need the implicit feedback: use models.svdpp_autograd.svdpp_predict")
+        raise ValueError("SVD++ predictions need the implicit feedback: use models.svdpp_autograd.svdpp_predict")
     u = params["user_factors"][users]
     v = params["item_factors"][items]
     if "context_factors" in params:

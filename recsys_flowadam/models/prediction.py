@@ -162,7 +162,7 @@ def rule_from_artifact(artifact: Artifact) -> RatingRule:
     seen_users, seen_items = seen_from_csr(np.asarray(t["train_indptr"]), np.asarray(t["train_items"]),
                                            meta.n_items)
     time = None
-    if meta.model_type == "time-mf":
+    if meta.time_axis is not None:  # time-mf, time-svdpp
         from recsys_flowadam.models.time_axis import USER_DAY_TENSOR, USER_SPAN_TENSOR, time_axis_from_meta
 
         time = time_axis_from_meta(meta.time_axis.model_dump(), t[USER_DAY_TENSOR], t[USER_SPAN_TENSOR])

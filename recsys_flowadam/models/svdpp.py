@@ -134,9 +134,11 @@ def _refuse_distributed() -> None:
 
 def make_svdpp_path(representation: str, spec: ModelSpec, coords: Coords, objective: Objective) -> SvdppPath:
     """SVD++'s gradient path for ``representation`` (dense, sparse or minibatch: biased MF's path
-    of that name underneath), over the implicit feedback of ``coords``."""
+    of that name underneath, or time-mf's for time-svdpp, whose time terms add per rating and do
+    not touch ``Z``), over the implicit feedback of ``coords``."""
     from recsys_flowadam.models import make_path
 
     _refuse_distributed()
-    base = make_path(representation, replace(spec, model_type="biased-mf"), coords, _data_only(objective))
+    inner = "time-mf" if spec.has_time else "biased-mf"  # time-svdpp: time-mf's path underneath
+    base = make_path(representation, replace(spec, model_type=inner), coords, _data_only(objective))
     return SvdppPath(base, implicit_of(spec, coords), objective)

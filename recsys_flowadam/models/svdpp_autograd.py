@@ -1,4 +1,5 @@
-"""SVD++'s loss by autograd over gathered rows: the reference its hand-written paths are tested against.
+"""SVD++'s loss by autograd over gathered rows: the reference its hand-written paths are tested
+against (time-svdpp's too: the objective's time axis adds time-mf's moving biases).
 
 The implicit sums are written as plainly as possible (every user's ``Y`` rows gathered, scaled
 and added with ``index_add``), independent of the SpMMs the fast paths use.
@@ -12,14 +13,20 @@ from recsys_flowadam.models.coords import Coords
 from recsys_flowadam.models.factorization import Objective
 from recsys_flowadam.models.implicit import ImplicitFeedback
 from recsys_flowadam.models.svdpp import IMPLICIT
+from recsys_flowadam.models.time_axis import TimeAxis, time_biases
 
 
 def svdpp_predict(params: dict[str, torch.Tensor], implicit: ImplicitFeedback, users: torch.Tensor,
-                  items: torch.Tensor, offset: float = 0.0) -> torch.Tensor:
-    """Raw SVD++ predictions at ``(users, items)``; differentiable in every parameter."""
+                  items: torch.Tensor, offset: float = 0.0, time: TimeAxis | None = None,
+                  timestamps: torch.Tensor | None = None) -> torch.Tensor:
+    """Raw SVD++ predictions at ``(users, items)``; differentiable in every parameter. With
+    ``time`` (time-svdpp) the biases are ``b_u(t)``, ``b_i(t)`` at ``timestamps``."""
     scaled = params[IMPLICIT][implicit.items] * implicit.weights[:, None]
     Z = params["user_factors"].index_add(0, implicit.users, scaled)
     pred = (Z[users] * params["item_factors"][items]).sum(dim=1)
+    if time is not None:
+        bu, bi = time_biases(params, time, users, items, timestamps)
+        return pred + bu + bi + offset
     return pred + params["user_bias"][users] + params["item_bias"][items] + offset
 
 
@@ -37,7 +44,8 @@ class SvdppAutogradPath:
         names = list(params)
         with torch.enable_grad():
             leaves = {k: p.detach().requires_grad_(True) for k, p in params.items()}
-            pred = svdpp_predict(leaves, self.implicit, batch.users, batch.items, self.objective.offset)
+            pred = svdpp_predict(leaves, self.implicit, batch.users, batch.items, self.objective.offset,
+                                 self.objective.time, batch.contexts)
             loss = self.objective.rho(pred - batch.values).mean() + self.objective.penalty(leaves)
             grads = torch.autograd.grad(loss, [leaves[k] for k in names])
         return loss.detach(), dict(zip(names, grads))

@@ -53,7 +53,7 @@ def torch_axis(axis: TimeAxis, device: torch.device | str) -> TimeAxis:
 def fit_axis(train: Ratings, n_bins: int) -> TimeAxis:
     """The numpy time axis of the training ratings (ValueError without timestamps)."""
     if train.timestamps is None:
-        raise ValueError(f"--model time-mf needs timestamps, and ratings '{train.name}' have none (MovieLens "
+        raise ValueError(f"--model time-mf and time-svdpp need timestamps, and ratings '{train.name}' have none (MovieLens "
                          "datasets and CSV files with a timestamp column have them)")
     return fit_time_axis(train.users, train.timestamps, train.n_users, n_bins)
 
@@ -62,7 +62,7 @@ def time_penalty_weights(spec: ModelSpec, weights: dict[str, torch.Tensor] | Non
                          dtype: torch.dtype) -> dict[str, torch.Tensor] | None:
     """time-mf's per-parameter penalty weights (``Objective.weights`` entries named after the
     parameter): ``TIME_REG_SCALE`` times its mode's row weights (uniform: times 1); None otherwise."""
-    if spec.model_type != "time-mf":
+    if not spec.has_time:
         return None
     rows = {"user": spec.n_users, "item": spec.n_items}
     out = {}
@@ -77,7 +77,7 @@ def time_penalty_weights(spec: ModelSpec, weights: dict[str, torch.Tensor] | Non
 def time_coords(ratings: Ratings, *, device: torch.device | str, dtype: torch.dtype) -> Coords:
     """Ratings as coordinates whose ``contexts`` are their timestamps (seconds, int64)."""
     if ratings.timestamps is None:
-        raise ValueError(f"ratings '{ratings.name}' have no timestamps: time-mf needs them")
+        raise ValueError(f"ratings '{ratings.name}' have no timestamps: the time models need them")
     coords = coords_from_ratings(ratings, device=device, dtype=dtype)
     return replace(coords, contexts=torch.from_numpy(ratings.timestamps).to(device))
 

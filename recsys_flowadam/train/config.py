@@ -77,8 +77,10 @@ class TrainConfig:
     REG_PER_STD: ClassVar[float] = 0.12
     DEFAULT_BIAS_REG: ClassVar[float] = 0.01  # an unset bias_reg when reg is unset too (scale-free)
 
-    model: Literal["mf", "biased-mf", "cp", "svdpp", "time-mf"] = Field(
-        "biased-mf", description="mf (r = u.v), biased-mf (plus user and item biases) or cp (a third, context mode)")
+    model: Literal["mf", "biased-mf", "cp", "svdpp", "time-mf", "time-svdpp"] = Field(
+        "biased-mf", description="mf (r = u.v), biased-mf (plus user and item biases), cp (a third, context mode), "
+                                 "svdpp (plus implicit feedback), time-mf (biases that move with time) or "
+                                 "time-svdpp (both)")
     rank: int = Field(50, ge=1, description="number of latent factors")
     init_std: float = Field(0.1, ge=0, allow_inf_nan=False, description="factor init N(0, s^2); 0.1 is the paper's")
     reg: float | None = Field(

@@ -362,7 +362,7 @@ def evaluate_artifact(
     contexts = None
     if meta.model_type == "cp" and test.contexts is not None:
         contexts = torch.from_numpy(np.minimum(test.contexts, meta.n_contexts - 1)).to(dev)
-    if meta.model_type == "time-mf" and test.timestamps is not None:
+    if meta.time_axis is not None and test.timestamps is not None:  # time-mf, time-svdpp
         contexts = torch.from_numpy(test.timestamps).to(dev)
     m = evaluate_predictor(predictor, torch.from_numpy(u_idx).to(dev), torch.from_numpy(i_idx).to(dev),
                            torch.from_numpy(test.values).to(device=dev, dtype=torch.float64), contexts,

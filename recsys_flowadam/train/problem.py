@@ -22,6 +22,7 @@ from recsys_flowadam.models import (
     coords_from_ratings,
     has_duplicates,
 )
+from recsys_flowadam.models.kinds import TIME_MODELS
 from recsys_flowadam.models.prediction import seen_in_training
 from recsys_flowadam.models.time_axis import DEFAULT_TIME_BINS
 from recsys_flowadam.models.timeaware import fit_axis, time_coords, time_penalty_weights, torch_axis
@@ -48,7 +49,7 @@ class Problem:
 
     def predictor(self, params: dict[str, torch.Tensor]) -> Predictor:
         """The prediction rule on ``params`` (live tensors: it follows their updates)."""
-        if self.spec.model_type == "svdpp":  # the rule reads Z = U + N Y as the user factors
+        if self.spec.has_implicit:  # the rule reads Z = U + N Y as the user factors
             params = EffectiveParams(params, self.implicit)
         return Predictor(params, self.objective.offset, self.global_mean, self.scale, self.seen_users,
                          self.seen_items, time=self.objective.time)
@@ -57,7 +58,7 @@ class Problem:
         """Other ratings (validation) like the training ones: same device, dtype, contexts; None if empty."""
         if ratings is None or len(ratings) == 0:
             return None
-        if self.objective.time is not None:  # time-mf: contexts are the timestamps
+        if self.objective.time is not None:  # time models: contexts are the timestamps
             return time_coords(ratings, device=self.device, dtype=self.dtype)
         return coords_from_ratings(ratings, device=self.device, dtype=self.dtype, use_contexts=self.spec.is_tensor)
 
@@ -117,10 +118,10 @@ def build_problem(train: Ratings, config: TrainConfig, device: torch.device) -> 
                      biases=config.cp_biases if is_cp else None)
     check_memory(spec, dtype, device)
     center = spec.has_biases if config.center is None else config.center
-    axis = _time_axis(spec, train, device)  # time-mf: its coordinates carry the timestamps
+    axis = _time_axis(spec, train, device)  # time models: their coordinates carry the timestamps
     coords = (coords_from_ratings(train, device=device, dtype=dtype, use_contexts=is_cp) if axis is None
               else time_coords(train, device=device, dtype=dtype))
-    implicit = implicit_of(spec, coords) if spec.model_type == "svdpp" else None
+    implicit = implicit_of(spec, coords) if spec.has_implicit else None
     objective = Objective(reg=config.reg_for(float(train.values.std())), bias_reg=config.effective_bias_reg,
                           loss=config.loss,
                           huber_delta=config.huber_delta, offset=train.mean if center else 0.0,
@@ -131,16 +132,16 @@ def build_problem(train: Ratings, config: TrainConfig, device: torch.device) -> 
 
 
 def _time_bins(config: TrainConfig, train: Ratings) -> int:
-    """time-mf's number of time bins: N of ``--context time:N`` when given (the ratings then carry
-    N context bins), else ``DEFAULT_TIME_BINS``; 0 for the other models."""
-    if config.model != "time-mf":
+    """The time models' number of time bins: N of ``--context time:N`` when given (the ratings then
+    carry N context bins), else ``DEFAULT_TIME_BINS``; 0 for the other models."""
+    if config.model not in TIME_MODELS:
         return 0
     return train.n_contexts or DEFAULT_TIME_BINS
 
 
 def _time_axis(spec: ModelSpec, train: Ratings, device: torch.device):
-    """time-mf's time axis (``models.time_axis``) of the training ratings, on ``device``; None otherwise."""
-    if spec.model_type != "time-mf":
+    """A time model's time axis (``models.time_axis``) of the training ratings, on ``device``; None otherwise."""
+    if not spec.has_time:
         return None
     return torch_axis(fit_axis(train, spec.n_contexts), device)
 
@@ -149,12 +150,12 @@ def _row_weights(config: TrainConfig, spec: ModelSpec, coords: Coords, dtype: to
                  implicit: ImplicitFeedback | None = None) -> dict[str, torch.Tensor] | None:
     """Per-row penalty weights n_row / n for ``reg_weighting="frequency"``; None for uniform."""
     if config.reg_weighting != "frequency":
-        return time_penalty_weights(spec, None, coords.users.device, dtype)  # None unless time-mf
+        return time_penalty_weights(spec, None, coords.users.device, dtype)  # None unless a time model
     modes = {"user": (coords.users, spec.n_users), "item": (coords.items, spec.n_items)}
     if spec.is_tensor:
         modes["context"] = (coords.contexts, spec.n_contexts)
     weights = {name: torch.bincount(index, minlength=n).to(dtype) / len(coords) for name, (index, n) in modes.items()}
-    if spec.model_type == "svdpp":  # SVD++'s implicit factors (models.svdpp)
+    if spec.has_implicit:  # SVD++'s implicit factors (models.svdpp)
         weights["implicit"] = implicit_row_weights(spec, coords, implicit)
     return {**weights, **(time_penalty_weights(spec, weights, coords.users.device, dtype) or {})}
 
