@@ -221,3 +221,54 @@ def test_minibatch_path_matches_autograd_on_cuda(model, biases, loss, scatter):
     for name in params:
         assert got_grads[name].device.type == "cuda"
         assert _rel(got_grads[name], ref_grads[name]) <= 1e-5, name
+
+
+# ------------------------------------------------------------------ the fused CPU kernel (numba)
+
+FUSED_CASES = [("mf", None, "mse"), ("mf", None, "huber"), ("biased-mf", None, "mse"), ("biased-mf", None, "huber")]
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("weighting", ["uniform", "frequency"])
+@pytest.mark.parametrize("model,biases,loss", FUSED_CASES)
+def test_fused_kernel_matches_autograd(model, biases, loss, weighting, dtype):
+    """The one-pass numba gradient (what the CPU mini-batch path runs for MF and biased MF)."""
+    from recsys_flowadam.models import fused_cpu
+
+    if not fused_cpu.available():
+        pytest.skip("numba is not installed")
+    spec, coords, params = _problem(model, biases)
+    coords = Coords(coords.users, coords.items, coords.values.to(dtype))
+    params = {k: p.to(dtype) for k, p in params.items()}
+    weights = _frequency_weights(spec, coords) if weighting == "frequency" else None
+    obj = Objective(reg=0.07, bias_reg=0.02, loss=loss, huber_delta=0.8, offset=0.37, weights=weights)
+    path = MiniBatchPath(coords, obj)  # the default: fused where it applies
+    assert path.fused and fused_cpu.supports(params, obj, torch.device("cpu"))
+    tol = 1e-5 if dtype == torch.float32 else 1e-10
+    for b in (coords.select(torch.arange(0, len(coords), 3)), None):
+        ref_loss, ref_grads = AutogradPath(coords, obj).loss_and_grad(params, b)
+        got_loss, got_grads = path.loss_and_grad(params, b)
+        assert list(got_grads) == list(params)
+        assert abs(float(got_loss) - float(ref_loss)) <= tol * abs(float(ref_loss))
+        for name in params:
+            assert got_grads[name].dtype == dtype
+            assert _rel(got_grads[name], ref_grads[name]) <= tol, name
+
+
+def test_fused_kernel_keeps_a_nan_and_falls_back_without_numba(monkeypatch):
+    from recsys_flowadam.models import fused_cpu
+
+    spec, coords, params = _problem("biased-mf", None)
+    obj = Objective(reg=0.07, bias_reg=0.02, offset=0.37)
+    if fused_cpu.available():
+        bad = {k: p.clone() for k, p in params.items()}
+        bad["user_factors"][0, 0] = float("nan")
+        loss, _ = MiniBatchPath(coords, obj).loss_and_grad(bad, coords)
+        assert torch.isnan(loss)  # the trainer's non-finite check still sees it
+    want_loss, want = MiniBatchPath(coords, obj, scatter="segment").loss_and_grad(params, coords)
+    monkeypatch.setattr(fused_cpu, "_KERNELS", {})  # as without numba
+    assert not fused_cpu.available()
+    loss, grads = MiniBatchPath(coords, obj).loss_and_grad(params, coords)
+    assert float(loss) == float(want_loss) and all(torch.equal(grads[k], want[k]) for k in params)
+    with pytest.raises(ValueError, match="numba"):
+        MiniBatchPath(coords, obj, scatter="fused")

@@ -27,6 +27,7 @@ from typing import Iterator
 
 import torch
 
+from recsys_flowadam.models import fused_cpu
 from recsys_flowadam.models.coords import Coords
 from recsys_flowadam.models.factorization import Objective
 from recsys_flowadam.models.scatter import SCATTER_METHODS, default_method, scatter_rows, sort_order
@@ -122,23 +123,31 @@ class MiniBatchPath:
 
     Same contract as :class:`~recsys_flowadam.models.autograd_path.AutogradPath`:
     ``loss_and_grad(params, batch)`` returns ``(loss, grads)``; ``batch=None`` means every
-    training rating. ``scatter``: how rows are scatter-added (``models.scatter``); default by device.
+    training rating. ``scatter``: how rows are scatter-added (``models.scatter``), or ``"fused"``:
+    the whole gradient in one compiled pass (``models.fused_cpu``; CPU, MF and biased MF). Default:
+    fused where it applies and numba is installed, else by device.
     """
 
     name = "minibatch"
 
     def __init__(self, coords: Coords, objective: Objective, scatter: str | None = None):
-        if scatter is not None and scatter not in SCATTER_METHODS:
-            raise ValueError(f"unknown scatter method {scatter!r}; choose one of {', '.join(SCATTER_METHODS)}")
+        if scatter is not None and scatter not in (*SCATTER_METHODS, "fused"):
+            raise ValueError(f"unknown scatter method {scatter!r}; choose one of {', '.join(SCATTER_METHODS)}, fused")
         self.coords = coords
         self.objective = objective
-        self.scatter = scatter or default_method(coords.values.device)
+        self.fused = scatter in (None, "fused")  # when fused_cpu.supports the parameters
+        if scatter == "fused" and not fused_cpu.available():
+            raise ValueError("the fused mini-batch kernels need numba (pip install numba)")
+        self.scatter = default_method(coords.values.device) if scatter in (None, "fused") else scatter
         self.workspace = Workspace()
 
     def loss_and_grad(self, params: dict[str, torch.Tensor], batch: Coords | None = None):
         """Return ``(loss, grads)`` with grads a dict like ``params`` (nothing is written to .grad)."""
         batch = self.coords if batch is None else batch
         obj = self.objective
+        if self.fused and fused_cpu.supports(params, obj, batch.values.device):
+            with torch.no_grad():
+                return fused_cpu.loss_and_grad(params, batch, obj)
         with torch.no_grad():
             if self.scatter == "segment":  # by user: U is read in order and dU needs no sort of its own
                 batch = _select(batch, sort_order(batch.users), self.workspace)
