@@ -118,7 +118,9 @@ def main() -> None:
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--repeats", type=int, default=60)
     ap.add_argument("--threads", default="1,2", help="comma-separated torch CPU thread counts (0: torch's default)")
-    ap.add_argument("--paths", default="minibatch,minibatch-index_add,autograd")
+    ap.add_argument("--paths", default="minibatch-fused,minibatch,minibatch-index_add,autograd",
+                    help="minibatch-fused: the numba kernel (the CPU default for mf and biased-mf); minibatch: "
+                         "the torch path with sorted segment sums")
     ap.add_argument("--optimizers", default=",".join(OPTIMIZERS), help=f"of {', '.join(OPTIMIZERS)}")
     ap.add_argument("--heap", default="default,retained", help="default, retained or both (in this order)")
     args = ap.parse_args()
@@ -134,7 +136,8 @@ def main() -> None:
     print(f"problem: {args.users:,} users x {args.items:,} items, batch {args.batch:,}, rank {args.rank}, "
           f"{args.model}, float32, device {device}, torch's default threads {default_threads}, "
           f"load average {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
-    builders = {"minibatch": lambda: MiniBatchPath(batches[0], objective, scatter="segment"),
+    builders = {"minibatch-fused": lambda: MiniBatchPath(batches[0], objective, scatter="fused"),
+                "minibatch": lambda: MiniBatchPath(batches[0], objective, scatter="segment"),
                 "minibatch-index_add": lambda: MiniBatchPath(batches[0], objective, scatter="index_add"),
                 "autograd": lambda: AutogradPath(batches[0], objective)}
     heaps = [h for h in ("default", "retained") if h in args.heap.split(",")]  # retained lasts: it goes last

@@ -115,7 +115,8 @@ def part_optimizers(args: argparse.Namespace) -> dict[str, Any]:
             row = run_cv(args.recipe, ["u1"], {**settings, "lr": lr, "seed": seed})["per_fold"][0]
             runs.append({"seed": seed, "test_rmse": row["test_rmse"], "val_rmse": row["val_rmse"],
                          "best_step": row["best_step"], "grad_evals": row["grad_evals"],
-                         "ode_triggers": row["ode_triggers"], "seconds": row["seconds"]})
+                         "ode_triggers": row["ode_triggers"], "seconds": row["seconds"],
+                         "refit_restored": row.get("refit_restored")})
             print(f"    seed {seed}: test RMSE {row['test_rmse']:.4f} (val {row['val_rmse']:.4f}, best step "
                   f"{row['best_step']}), {row['grad_evals']} grad evals, {row['seconds']:.1f} s", flush=True)
         rmse = [r["test_rmse"] for r in runs]
