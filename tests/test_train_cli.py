@@ -233,7 +233,7 @@ def test_a_failed_save_keeps_the_trained_model(tmp_path, capsys, monkeypatch):
 
 
 @pytest.mark.parametrize("extra,message", [
-    (["--rank", "1000000000"], "needs about .* for the factors alone"),
+    (["--rank", "1000000000"], "needs about .* for the parameters alone"),
     (["--device", "tpu"], "--device must be auto, cpu, cuda, cuda:N or mps"),
     (["--optimizer-option", "betas=2"], "betas must be a pair of numbers"),
     (["--min-delta", "nan"], "--min-delta must be a finite number"),

@@ -7,6 +7,7 @@ so); ``reg_weighting="frequency"`` weights each row's L2 penalty by its share of
 
 from __future__ import annotations
 
+import math
 import os
 from dataclasses import dataclass
 
@@ -76,14 +77,14 @@ _MINIMUM_COPIES = 2  # parameters and gradients: what any optimizer holds; refus
 def check_memory(spec: ModelSpec, dtype: torch.dtype, device: torch.device) -> None:
     """Refuse, naming the memory it would need, a model whose parameters cannot fit the device
     (``--rank 1000000000`` otherwise ends in an allocator traceback)."""
-    rows = spec.n_users + spec.n_items + spec.n_contexts
-    factors = rows * spec.rank * dtype.itemsize
+    rows = sum(shape[0] for name, shape in spec.shapes().items() if name.endswith("_factors"))  # SVD++'s Y too
+    factors = sum(math.prod(shape) for shape in spec.shapes().values()) * dtype.itemsize
     need = factors * _PARAMETER_COPIES
     available = _device_memory(device)
     if available is not None and factors * _MINIMUM_COPIES > available:
-        raise ValueError(f"rank {spec.rank} needs about {_gib(factors)} for the factors alone ({rows:,} rows x rank "
-                         f"{spec.rank:,} x {dtype.itemsize} bytes) and about {_gib(need)} with gradients and "
-                         f"optimizer state; {device} has {_gib(available)}: choose a smaller --rank")
+        raise ValueError(f"rank {spec.rank} needs about {_gib(factors)} for the parameters alone ({rows:,} factor "
+                         f"rows x rank {spec.rank:,} x {dtype.itemsize} bytes, and the biases) and about {_gib(need)} "
+                         f"with gradients and optimizer state; {device} has {_gib(available)}: choose a smaller --rank")
 
 
 def _device_memory(device: torch.device) -> int | None:
