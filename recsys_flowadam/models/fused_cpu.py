@@ -88,8 +88,9 @@ def loss_and_grad(params: dict[str, torch.Tensor], batch: Coords,
     users = _np(batch.users)
     items = _np(batch.items)
     values = _np(batch.values.to(params["user_factors"].dtype))
-    data = k["data_term"](users, items, values, U, V, bu, bi, float(objective.offset), objective.loss == "huber",
-                          float(objective.huber_delta), _np(grads["user_factors"]), _np(grads["item_factors"]),
-                          dbu, dbi)
+    like = U.dtype.type  # the per-rating arithmetic stays in the parameters' dtype
+    data = k["data_term"](users, items, values, U, V, bu, bi, like(objective.offset), objective.loss == "huber",
+                          like(objective.huber_delta), like(2.0 / max(len(users), 1)), _np(grads["user_factors"]),
+                          _np(grads["item_factors"]), dbu, dbi)
     loss = torch.tensor(data + total, dtype=params["user_factors"].dtype)
     return loss, grads
