@@ -6,7 +6,9 @@
 #   3. GPU timings of one mini-batch step (100k ratings, rank 20, 62k x 10k; both scatter methods,
 #      and autograd),
 #   4. an end-to-end `train` on a synthetic Jester-1-sized problem with --device cuda, and one
-#      that takes the automatic mini-batch path (5M generated ratings).
+#      that takes the automatic mini-batch path (5M generated ratings),
+#   5. bench_scale.py's generated 25M-rating problem with train's defaults on the GPU (default
+#      optimizer and Adam; peers are CPU libraries and are left out here).
 # Every figure is printed; paste them into the issue note. Exits non-zero without CUDA.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -41,3 +43,7 @@ echo "== end-to-end train on the GPU, automatic path (synthetic 50k x 2k, 5% obs
 python -m recsys_flowadam train --dataset synthetic --data-option n_users=50000 --data-option n_items=2000 \
     --data-option rank=10 --data-option density=0.05 --data-option noise=0.1 --model biased-mf --rank 20 \
     --optimizer adam --lr 0.01 --steps 400 --device cuda --out "$tmp/auto" --json
+
+echo "== 25M generated ratings, train's defaults on the GPU (bench_scale.py; default optimizer and Adam)"
+python bench/bench_scale.py --size 25m --out "$tmp/scale" --no-trace --only ours-default-set,ours-adam-set \
+    --ours-set device=cuda
