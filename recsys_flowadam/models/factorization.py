@@ -159,8 +159,8 @@ class Objective:
         return own if own is not None else self.weights.get(name.split("_")[0])
 
     def penalty(self, params: dict[str, torch.Tensor]) -> torch.Tensor:
-        """The L2 terms; differentiable (used by the autograd paths)."""
-        total = params["user_factors"].new_zeros(())
+        """The L2 terms of ``params`` (all of a model's, or some); differentiable (the autograd paths)."""
+        total = next(iter(params.values())).new_zeros(())
         for name, p in params.items():
             lam = self.bias_reg if name.endswith("_bias") else self.reg
             if not lam:

@@ -58,10 +58,12 @@ def _np(t: torch.Tensor) -> np.ndarray:
     return t.detach().numpy()
 
 
-def loss_and_grad(params: dict[str, torch.Tensor], batch: Coords,
-                  objective: Objective) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """``(loss, grads)`` of the batch mean plus the full L2 term, as ``MiniBatchPath`` returns them
-    (fresh gradient tensors: an optimizer may hold one closure call's while it makes the next)."""
+def loss_and_grad(params: dict[str, torch.Tensor], batch: Coords, objective: Objective,
+                  extra: torch.Tensor | None = None, with_g: bool = False):
+    """``(loss, grads)`` of the batch mean plus the L2 term of ``params``, as ``MiniBatchPath``
+    returns them (fresh gradient tensors: an optimizer may hold one closure call's while it makes
+    the next). ``extra``: a per-rating addition to the prediction; ``with_g``: also return each
+    rating's ``psi(r) / m`` (``(loss, grads, g)``), from which the gradient of such an addition follows."""
     k = _kernels()
     assert k is not None
     total = 0.0
@@ -89,8 +91,10 @@ def loss_and_grad(params: dict[str, torch.Tensor], batch: Coords,
     items = _np(batch.items)
     values = _np(batch.values.to(params["user_factors"].dtype))
     like = U.dtype.type  # the per-rating arithmetic stays in the parameters' dtype
+    extra_np = empty if extra is None else _np(extra.to(params["user_factors"].dtype).contiguous())
+    g = torch.empty(len(users), dtype=params["user_factors"].dtype) if with_g else None
     data = k["data_term"](users, items, values, U, V, bu, bi, like(objective.offset), objective.loss == "huber",
                           like(objective.huber_delta), like(2.0 / max(len(users), 1)), _np(grads["user_factors"]),
-                          _np(grads["item_factors"]), dbu, dbi)
+                          _np(grads["item_factors"]), dbu, dbi, extra_np, empty if g is None else _np(g))
     loss = torch.tensor(data + total, dtype=params["user_factors"].dtype)
-    return loss, grads
+    return (loss, grads, g) if with_g else (loss, grads)

@@ -27,8 +27,11 @@ def user_order(users, n_users):
 
 
 @jit
-def data_term(users, items, values, U, V, bu, bi, offset, huber, delta, scale, dU, dV, dbu, dbi):
+def data_term(users, items, values, U, V, bu, bi, offset, huber, delta, scale, dU, dV, dbu, dbi, extra, g_out):
     """Adds each rating's ``psi(r) / m`` terms into the gradients; returns sum rho(r) / m.
+    ``extra`` (empty: none): a per-rating addition to the prediction (the time models' terms);
+    ``g_out`` (empty: not wanted): receives each rating's ``psi(r) / m``, for the gradients of
+    such terms.
 
     ``offset``, ``delta`` and ``scale`` (``2 / m``) come as scalars of the parameters' dtype, so
     the per-rating arithmetic stays in it (a float64 constant would widen every float32 product;
@@ -38,6 +41,8 @@ def data_term(users, items, values, U, V, bu, bi, offset, huber, delta, scale, d
     m = users.shape[0]
     rank = U.shape[1]
     has_bias = bu.shape[0] > 0
+    has_extra = extra.shape[0] > 0
+    keep_g = g_out.shape[0] > 0
     total = 0.0
     order = user_order(users, U.shape[0])
     for j in range(m):
@@ -47,6 +52,8 @@ def data_term(users, items, values, U, V, bu, bi, offset, huber, delta, scale, d
         pred = offset
         if has_bias:
             pred += bu[u] + bi[i]
+        if has_extra:
+            pred += extra[k]
         for f in range(rank):
             pred += U[u, f] * V[i, f]
         r = pred - values[k]
@@ -56,6 +63,8 @@ def data_term(users, items, values, U, V, bu, bi, offset, huber, delta, scale, d
         else:
             total += float(r) * float(r)
             g = scale * r
+        if keep_g:
+            g_out[k] = g
         if has_bias:
             dbu[u] += g
             dbi[i] += g

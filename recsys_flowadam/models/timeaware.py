@@ -30,6 +30,7 @@ import numpy as np
 import torch
 
 from recsys_flowadam.data.ratings import Ratings
+from recsys_flowadam.models import fused_cpu
 from recsys_flowadam.models.coords import Coords, coords_from_ratings
 from recsys_flowadam.models.dense import DensePath
 from recsys_flowadam.models.factorization import ModelSpec, Objective
@@ -183,11 +184,14 @@ class TimeGatherPath:
     """All ratings (``sparse``) or one mini-batch (``minibatch``) by gathers and scatter-adds.
 
     ``loss_and_grad(params, batch=None)`` as :class:`~recsys_flowadam.models.minibatch.MiniBatchPath`;
-    ``scatter``: how factor rows are scatter-added (``models.scatter``); default by device.
+    ``scatter``: how factor rows are scatter-added (``models.scatter``); default: biased MF's
+    compiled pass on the CPU (``models.fused_cpu``, the time terms as its per-rating addition)
+    where it applies, else by device.
     """
 
     def __init__(self, coords: Coords, objective: Objective, name: str = "minibatch", scatter: str | None = None):
         self.coords, self.objective, self.name = coords, objective, name
+        self.fused = scatter is None
         self.scatter = scatter or default_method(coords.values.device)
         self.terms = TimeTerms.of(coords, objective.time, coords.values.dtype)  # of the full batch
 
@@ -197,6 +201,9 @@ class TimeGatherPath:
         with torch.no_grad():
             terms = self.terms if batch is None else TimeTerms.of(batch, obj.time, batch.values.dtype)
             batch = self.coords if batch is None else batch
+            base = {k: params[k] for k in BASE_PARAMS}
+            if self.fused and fused_cpu.supports(base, obj, batch.values.device):
+                return self._fused(params, base, batch, terms)
             U, V = params["user_factors"].detach(), params["item_factors"].detach()
             u, v = U.index_select(0, batch.users), V.index_select(0, batch.items)
             r = torch.linalg.vecdot(u, v)
@@ -211,6 +218,22 @@ class TimeGatherPath:
                      "item_bias": torch.zeros_like(params["item_bias"]).index_add_(0, batch.items, g),
                      **terms.grads(params, batch.users, g)}
             return obj.add_penalty(params, data, grads)
+
+
+    def _fused(self, params: dict[str, torch.Tensor], base: dict[str, torch.Tensor], batch: Coords,
+               terms: TimeTerms):
+        """Biased MF's compiled pass with the time terms added per rating; their gradients from its
+        per-rating ``psi(r) / m``, their penalty as :meth:`Objective.add_penalty` adds it."""
+        obj = self.objective
+        loss, grads, g = fused_cpu.loss_and_grad(base, batch, obj, extra=terms.values(params, batch.users),
+                                                 with_g=True)
+        time_params = {k: params[k].detach() for k in TIME_PARAMS}
+        grads.update(terms.grads(params, batch.users, g))
+        for name, p in time_params.items():
+            pg = obj.penalty_grad(name, p)
+            if not isinstance(pg, float):
+                grads[name].add_(pg)
+        return loss + obj.penalty(time_params), {k: grads[k] for k in params}
 
 
 def make_time_path(representation: str, spec: ModelSpec, coords: Coords, objective: Objective):
