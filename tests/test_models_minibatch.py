@@ -272,3 +272,25 @@ def test_fused_kernel_keeps_a_nan_and_falls_back_without_numba(monkeypatch):
     assert float(loss) == float(want_loss) and all(torch.equal(grads[k], want[k]) for k in params)
     with pytest.raises(ValueError, match="numba"):
         MiniBatchPath(coords, obj, scatter="fused")
+
+
+def test_fused_kernel_refuses_an_index_outside_the_tables():
+    from recsys_flowadam.models import fused_cpu
+
+    if not fused_cpu.available():
+        pytest.skip("numba is not installed")
+    spec, coords, params = _problem("biased-mf", None)
+    bad = Coords(coords.users.clone(), coords.items, coords.values)
+    bad.users[3] = spec.n_users  # one past the last user row
+    with pytest.raises(IndexError, match="outside the factor tables"):
+        MiniBatchPath(coords, Objective(reg=0.1)).loss_and_grad(params, bad)
+
+
+def test_time_bins_do_not_count_as_grid_cells():
+    """The time models' n_contexts are bias bins: their dense grid is users x items, as biased MF's."""
+    from recsys_flowadam.models.representation import estimate_bytes, grid_cells
+
+    plain, timed = ModelSpec("biased-mf", 40, 30, 5), ModelSpec("time-svdpp", 40, 30, 5, n_contexts=8)
+    assert grid_cells(timed) == grid_cells(plain) == 1200
+    assert estimate_bytes("dense", timed, 500) == estimate_bytes("dense", plain, 500)
+    assert grid_cells(ModelSpec("cp", 40, 30, 5, n_contexts=8)) == 9600

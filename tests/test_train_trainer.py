@@ -615,3 +615,10 @@ def test_a_run_without_validation_can_end_on_its_lowest_objective(data, keep, mo
     else:
         assert "objective_guard" not in result.extra
         assert rmse > 5 * _val_rmse(clean, test)
+
+
+def test_lowest_objective_refuses_checkpoints(data, tmp_path):
+    train, _val, _test = data
+    cfg = TrainConfig(model="biased-mf", optimizer="adam", rank=3, steps=10, device="cpu", checkpoint_every=5)
+    with pytest.raises(ValueError, match="keep_lowest_objective"):
+        train_model(train, None, cfg, checkpoint_path=tmp_path / "ck.safetensors", keep_lowest_objective=True)

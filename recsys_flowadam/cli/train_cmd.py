@@ -252,8 +252,9 @@ def _handle(args: argparse.Namespace, config: TrainConfig, data: DataConfig) -> 
     except (ValueError, distributed.PeerLostError) as exc:
         raise CLIError(str(exc)) from None
     try:
+        # training's last collective is behind every rank here; rank 0 alone scores and saves, so
+        # the others leave without waiting for it (no timeout can cut its saving short)
         status = _run(args, config, data, quiet=not dctx.is_main)
-        dctx.barrier("the final barrier")  # rank 0 has saved; no rank leaves while another still talks
     except (CLIError, distributed.PeerLostError) as exc:
         # After a failed collective the process group cannot be torn down reliably: destroying
         # it, or the interpreter's own exit, can hang or abort (gloo's threads raised SIGABRT
@@ -262,10 +263,11 @@ def _handle(args: argparse.Namespace, config: TrainConfig, data: DataConfig) -> 
     except BaseException:
         distributed.shutdown()
         raise
-    distributed.shutdown()
-    # Even after a clean run, interpreter finalization with gloo's threads around can abort (a rank
-    # of a successful 2-rank run died with SIGABRT, "terminate called without an active exception",
-    # once on CI). Everything is saved and flushed by now: skip finalization.
+    # Even after a clean run, tearing gloo down (the group's destruction, or interpreter finalization
+    # with its threads around) can abort: rank 1 of a successful 2-rank run died with SIGABRT,
+    # "terminate called without an active exception", once on CI while rank 0 was still saving.
+    # Everything this rank had to do is done and flushed: end the process, and let the system close
+    # its connections, without destroying the group first.
     _leave(status)
 
 

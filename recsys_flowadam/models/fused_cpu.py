@@ -89,6 +89,9 @@ def loss_and_grad(params: dict[str, torch.Tensor], batch: Coords, objective: Obj
     dbi = _np(grads["item_bias"]) if has_bias else empty
     users = _np(batch.users)
     items = _np(batch.items)
+    if len(users) and (users.min() < 0 or users.max() >= len(U) or items.min() < 0 or items.max() >= len(V)):
+        raise IndexError(f"a rating's user or item index lies outside the factor tables ({len(U)} users, "
+                         f"{len(V)} items)")  # the kernel runs without bounds checks
     values = _np(batch.values.to(params["user_factors"].dtype))
     like = U.dtype.type  # the per-rating arithmetic stays in the parameters' dtype
     extra_np = empty if extra is None else _np(extra.to(params["user_factors"].dtype).contiguous())

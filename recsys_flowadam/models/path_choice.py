@@ -54,7 +54,7 @@ from typing import Any, Callable
 import torch
 
 from recsys_flowadam.models.factorization import ModelSpec
-from recsys_flowadam.models.representation import choose_representation, default_budget, estimate_bytes
+from recsys_flowadam.models.representation import choose_representation, default_budget, estimate_bytes, grid_cells
 
 MINIBATCH_MIN_RATINGS = 3_000_000  # at and above: mini-batches (see the table above)
 BATCHES_PER_EPOCH = 80  # the automatic batch: about 1/80 of the ratings ...
@@ -130,7 +130,7 @@ def choose_path(
     budget = default_budget(device) if budget_bytes is None else budget_bytes
     rep = choose_representation(spec, n_ratings, device, budget_bytes=budget, element_size=element_size,
                                 duplicates=duplicates)
-    cells = spec.n_users * spec.n_items * max(spec.n_contexts, 1)
+    cells = grid_cells(spec)
     sizes = f"{n_ratings:,} training ratings, {n_ratings / cells:.1%} of the grid"
     if rep == "dense":
         return PathChoice("dense", None, f"{sizes}: full batch on the dense grid "

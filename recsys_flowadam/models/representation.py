@@ -45,11 +45,17 @@ def default_budget(device: torch.device) -> int:
     return int(min(physical // 4, 8 << 30))
 
 
+def grid_cells(spec: ModelSpec) -> int:
+    """Cells of the dense grid: users x items, x contexts for the tensor model only (the time
+    models' ``n_contexts`` counts time bins, which live in a bias table, not in the grid)."""
+    return spec.n_users * spec.n_items * (spec.n_contexts if spec.is_tensor else 1)
+
+
 def estimate_bytes(representation: str, spec: ModelSpec, n_ratings: int, element_size: int = 4) -> int:
     """Rough peak memory of a full-batch representation (see the module docstring)."""
     e = element_size
     if representation == "dense":
-        cells = spec.n_users * spec.n_items * max(spec.n_contexts, 1)
+        cells = grid_cells(spec)
         extra = 2 * spec.n_items * spec.n_contexts * spec.rank * e if spec.is_tensor else 0
         return cells * e * 4 + extra
     if representation == "sparse":
@@ -75,7 +81,7 @@ def choose_representation(
     dense_fits = estimate_bytes("dense", spec, n_ratings, element_size) <= budget
     dense_fits = dense_fits and not (duplicates() if callable(duplicates) else duplicates)
     sparse_fits = estimate_bytes("sparse", spec, n_ratings, element_size) <= budget
-    cells = spec.n_users * spec.n_items * max(spec.n_contexts, 1)
+    cells = grid_cells(spec)
     dense_is_faster = device.type == "cuda" or n_ratings >= DENSE_MIN_DENSITY * cells
     if dense_fits and (dense_is_faster or not sparse_fits):
         return "dense"

@@ -103,15 +103,6 @@ class DistContext:
             raise self._lost(what, exc) from exc
         return [int(v) for v in t.tolist()]
 
-    def barrier(self, what: str) -> None:
-        """Wait until every rank gets here (bounded by the group's timeout)."""
-        import torch.distributed as dist
-
-        try:
-            dist.barrier()
-        except RuntimeError as exc:
-            raise self._lost(what, exc) from exc
-
     def _lost(self, what: str, exc: BaseException) -> PeerLostError:
         first = str(exc).strip().splitlines()[0][:300] if str(exc).strip() else type(exc).__name__
         return PeerLostError(

@@ -10,7 +10,9 @@ objective evaluation at the end.
 The objective of the parameters after step ``k`` is the loss the next step's first closure
 call returns (the optimizers in this package and torch's all return that), so a snapshot taken
 at an evaluation step is scored for free one step later. Mini-batch runs have no guard: a
-batch's loss is too noisy to rank parameters by.
+batch's loss is too noisy to rank parameters by. The final evaluation counts in the run's
+``grad_evals`` (not in an optimizer's own diagnostics); the snapshots are not checkpointed, so
+the guard is refused with checkpoints and resume (a refit has neither).
 """
 
 from __future__ import annotations

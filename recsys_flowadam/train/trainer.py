@@ -405,6 +405,9 @@ def train_model(
     """
     if len(train) == 0:
         raise ValueError("no training ratings")
+    if keep_lowest_objective and (resume or config.checkpoint_every):
+        raise ValueError("keep_lowest_objective does not survive a checkpoint (its snapshots are not saved): "
+                         "use it without checkpoint_every and resume")
     dctx = distributed if distributed is not None else current_distributed()
     device = resolve_device(config.device)
     device = device if dctx is None else dctx.device(device)
@@ -440,6 +443,8 @@ def train_model(
         stopped = driver.run()
         restored = driver.finish_guard()
     evaluator.finish(state)
+    if restored:  # the run ends on an earlier step's parameters
+        state.best_step = int(restored["restored_step"])
     final = {k: p.detach() for k, p in params.items()}
     return TrainResult(
         spec=problem.spec, objective=problem.objective, config=config, params=final,
