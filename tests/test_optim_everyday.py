@@ -401,3 +401,27 @@ def test_options_are_validated():
         FlowAdam([x], noise_z=-1.0)
     with pytest.raises(ValueError, match="trigger"):
         FlowAdam([{"params": [x]}, {"params": [torch.zeros(1, requires_grad=True)], "trigger": "ema"}], mode="E")
+
+
+def test_departure_parts_compiled_pass_matches_the_dot_products(monkeypatch):
+    """From FUSED_STATS_MIN_ELEMENTS parameters the three sums come from one numba pass (float64
+    sums); they agree with BLAS dot products to float32 rounding, and without numba the dots serve."""
+    import numpy as np
+
+    from recsys_flowadam.optim import everyday, fused_stats
+
+    if fused_stats.three_sums_kernel() is None:
+        pytest.skip("numba is not installed")
+    gen = torch.Generator().manual_seed(0)
+    grads = [torch.randn(300, 7, generator=gen), torch.randn(11, generator=gen, dtype=torch.float64)]
+    moms = [torch.randn(300, 7, generator=gen), torch.randn(11, generator=gen, dtype=torch.float64)]
+    dots = everyday.departure_parts(grads, moms)  # small: the dot products
+    monkeypatch.setattr(everyday, "FUSED_STATS_MIN_ELEMENTS", 1)
+    fused = everyday.departure_parts(grads, moms)
+    want = np.array([float((g.double() * g.double()).sum()) for g in grads]
+                    + [float((m.double() * m.double()).sum()) for m in moms]
+                    + [float((g.double() * m.double()).sum()) for g, m in zip(grads, moms)])
+    np.testing.assert_allclose(fused, want, rtol=1e-12)
+    np.testing.assert_allclose(dots, want, rtol=1e-5)
+    monkeypatch.setattr(fused_stats, "_KERNEL", False)  # as without numba
+    np.testing.assert_allclose(everyday.departure_parts(grads, moms), dots, rtol=0)
