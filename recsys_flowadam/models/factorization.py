@@ -152,7 +152,7 @@ class Objective:
             return 2.0 * r
         return 2.0 * r.clamp(-self.huber_delta, self.huber_delta)
 
-    def _row_weights(self, name: str) -> torch.Tensor | None:
+    def row_weights(self, name: str) -> torch.Tensor | None:
         if not self.weights:
             return None
         own = self.weights.get(name)  # a parameter's own weights (time-mf's time terms) before its mode's
@@ -166,7 +166,7 @@ class Objective:
             if not lam:
                 continue
             sq = p.pow(2) if p.dim() == 1 else p.pow(2).sum(dim=1)
-            w = self._row_weights(name)
+            w = self.row_weights(name)
             total = total + lam * (sq.sum() if w is None else torch.dot(w.to(sq.dtype), sq))
         return total
 
@@ -186,7 +186,7 @@ class Objective:
         lam = self.bias_reg if name.endswith("_bias") else self.reg
         if not lam:
             return 0.0
-        w = self._row_weights(name)
+        w = self.row_weights(name)
         if w is None:
             return 2.0 * lam * p
         w = w.to(p.dtype)

@@ -69,14 +69,13 @@ def loss_and_grad(params: dict[str, torch.Tensor], batch: Coords, objective: Obj
     assert k is not None
     total = 0.0
     grads: dict[str, torch.Tensor] = {}
-    weights = objective.weights or {}
     for name, p in params.items():
         g = torch.empty(p.shape, dtype=p.dtype)
         lam = objective.bias_reg if name.endswith("_bias") else objective.reg
         if name.startswith("user_"):  # the kernel writes these rows whole, L2 term included
             pass
         elif lam:
-            w = weights.get(name.split("_")[0])
+            w = objective.row_weights(name)
             w_np = np.empty(0, dtype=np.float64) if w is None else _np(w.to(torch.float64))
             P = _np(p.contiguous())
             total += k["penalty_init"](P.reshape(len(P), -1), _np(g).reshape(len(P), -1), w_np, float(lam))
@@ -96,7 +95,7 @@ def loss_and_grad(params: dict[str, torch.Tensor], batch: Coords, objective: Obj
     like = U.dtype.type  # the per-rating arithmetic stays in the parameters' dtype
     extra_np = empty if extra is None else _np(extra.to(params["user_factors"].dtype).contiguous())
     g = torch.empty(len(users), dtype=params["user_factors"].dtype) if with_g else None
-    w_user = weights.get("user")
+    w_user = objective.row_weights("user_factors")  # the kernel weighs b_u's L2 term alike
     data, user_penalty = k["data_term"](
         users, items, values, U, V, bu, bi, like(objective.offset), objective.loss == "huber",
         like(objective.huber_delta), like(2.0 / max(len(users), 1)), _np(grads["user_factors"]),

@@ -45,7 +45,7 @@ def add_penalty(objective: Objective, params: dict[str, torch.Tensor], grads: di
         if not lam:
             continue
         p = p.detach()
-        w = (objective.weights or {}).get(name.split("_")[0])
+        w = objective.row_weights(name)
         if w is None:
             grads[name].add_(p, alpha=2.0 * lam)
             total = total + lam * torch.dot(p.reshape(-1), p.reshape(-1))

@@ -219,21 +219,17 @@ class TimeGatherPath:
                      **terms.grads(params, batch.users, g)}
             return obj.add_penalty(params, data, grads)
 
-
     def _fused(self, params: dict[str, torch.Tensor], base: dict[str, torch.Tensor], batch: Coords,
                terms: TimeTerms):
         """Biased MF's compiled pass with the time terms added per rating; their gradients from its
-        per-rating ``psi(r) / m``, their penalty as :meth:`Objective.add_penalty` adds it."""
+        per-rating ``psi(r) / m``, then their L2 term by :meth:`Objective.add_penalty`."""
         obj = self.objective
         loss, grads, g = fused_cpu.loss_and_grad(base, batch, obj, extra=terms.values(params, batch.users),
                                                  with_g=True)
-        time_params = {k: params[k].detach() for k in TIME_PARAMS}
-        grads.update(terms.grads(params, batch.users, g))
-        for name, p in time_params.items():
-            pg = obj.penalty_grad(name, p)
-            if not isinstance(pg, float):
-                grads[name].add_(pg)
-        return loss + obj.penalty(time_params), {k: grads[k] for k in params}
+        time_params = {k: params[k] for k in TIME_PARAMS}
+        loss, time_grads = obj.add_penalty(time_params, loss, terms.grads(params, batch.users, g))
+        grads.update(time_grads)
+        return loss, {k: grads[k] for k in params}
 
 
 def make_time_path(representation: str, spec: ModelSpec, coords: Coords, objective: Objective):
