@@ -196,3 +196,33 @@ def test_add_penalty_with_and_without_workspace_agree():
     assert float(va) == pytest.approx(float(obj.penalty(params).detach()), rel=1e-12)
     assert float(vb) == pytest.approx(float(va), rel=1e-12)
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_large_automatic_run_folds_most_of_val_into_one_run(monkeypatch):
+    from recsys_flowadam.train.pipeline import fit_and_score, fold_validation
+
+    train, val = _ratings(n=1500)  # 1200 train, 300 val
+    monkeypatch.setattr(path_choice, "MINIBATCH_MIN_RATINGS", 1000)
+    monkeypatch.setattr(path_choice, "EVAL_SAMPLE", 100)
+    config = TrainConfig(model="biased-mf", rank=3, optimizer="adam", lr=0.01, reg=0.01, patience=0)
+    fit = fit_and_score(train, val, config)
+    folded = fit.metrics["validation_folded"]
+    assert folded["n_val_held_out"] == 100 and folded["n_val_trained_on"] == 200
+    assert fit.metrics["n_val"] == 100 and fit.metrics["n_train"] == 1400
+    assert len(fit.fit_ratings) == 1400 and "refit" not in fit.result.extra  # one run, no refit
+    assert fit.result.path_choice["representation"] == "minibatch"
+    # the held-out sample is exactly the val ratings that were not trained on
+    fit_train, held, _ = fold_validation(train, val, config)
+    pairs = lambda r: set(zip(r.users.tolist(), r.items.tolist()))  # noqa: E731
+    assert pairs(held) | (pairs(fit_train) - pairs(train)) == pairs(val)
+    assert not pairs(held) & pairs(fit_train)
+    assert fit.result.best_val_rmse == pytest.approx(fit.metrics["val_rmse"], abs=0.05)
+    # the two-run rule stays where the automatic mini-batch path is not taken, or refit is off
+    for changed in ({"refit": False}, {"batch_size": 300}, {"optimizer": "lbfgs"}, {"representation": "sparse"}):
+        cfg = TrainConfig(**{**config.to_dict(), **changed})
+        assert fold_validation(train, val, cfg)[2] is None, changed
+    monkeypatch.setattr(path_choice, "MINIBATCH_MIN_RATINGS", 1300)  # train alone is below the threshold
+    assert fold_validation(train, val, config)[2] is None
+    monkeypatch.setattr(path_choice, "MINIBATCH_MIN_RATINGS", 1000)
+    monkeypatch.setattr(path_choice, "EVAL_SAMPLE", 300)  # no more val than the sample: nothing to fold
+    assert fold_validation(train, val, config)[2] is None

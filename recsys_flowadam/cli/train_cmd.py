@@ -316,6 +316,8 @@ def _print_summary(s: dict[str, Any]) -> None:
         choice = s["path_choice"]
         batch = f", batches of {choice['batch_size']:,}" if choice.get("batch_size") else ""
         print(f"  path: {choice['representation']}{batch} ({choice['reason']})")
+    if s.get("validation_folded"):
+        print(f"  validation: {s['validation_folded']['why']}")
     print(f"  steps {s['steps']} (best {s['best_step']}, {s['stopped']}), grad evals {s['grad_evals']}, "
           f"ODE triggers {s['ode_triggers']}, train {s['train_seconds']:.2f} s, total {s['total_seconds']:.2f} s")
     if s.get("reg_search"):

@@ -18,6 +18,10 @@ Rule (:func:`choose_path`):
 
 L-BFGS stays full batch (its line search needs the same function at every evaluation).
 
+On rule 1's path the training jobs hold out only ``EVAL_SAMPLE`` of a larger validation part and
+train on the rest in the one run, instead of an early-stopped run and a refit
+(``train.pipeline.fold_validation``).
+
 The schedule, measured on ``bench/bench_scale.py``'s generated 10M problem (7.9M training ratings
 after the validation 1/8; 62k x 10k; biased-mf rank 20, Adam, reg 0.05 frequency-weighted; one
 torch thread, load average 6-9 from other jobs; validation RMSE on the fixed 100k sample):
@@ -112,6 +116,12 @@ def auto_minibatch(n_ratings: int, device: torch.device, why: str) -> PathChoice
                       eval_every=every, eval_sample=EVAL_SAMPLE, lr_scale=AUTO_LR_SCALE)
 
 
+def takes_auto_minibatch(n_ratings: int, optimizer: str) -> bool:
+    """Whether :func:`choose_path` sends ``n_ratings`` training ratings to mini-batches by their count
+    alone (rule 1), whatever the memory budget."""
+    return optimizer.lower() not in FULL_BATCH_ONLY and n_ratings >= MINIBATCH_MIN_RATINGS
+
+
 def choose_path(
     spec: ModelSpec,
     n_ratings: int,
@@ -124,7 +134,7 @@ def choose_path(
 ) -> PathChoice:
     """The path ``auto`` resolves to for ``n_ratings`` training ratings (rule in the module docstring)."""
     minibatch_ok = optimizer.lower() not in FULL_BATCH_ONLY
-    if minibatch_ok and n_ratings >= MINIBATCH_MIN_RATINGS:
+    if takes_auto_minibatch(n_ratings, optimizer):
         return auto_minibatch(n_ratings, device, f"{n_ratings:,} training ratings (>= {MINIBATCH_MIN_RATINGS:,}): "
                                                  "mini-batches reach a good RMSE in far less time than full batches")
     budget = default_budget(device) if budget_bytes is None else budget_bytes

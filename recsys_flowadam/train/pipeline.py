@@ -134,6 +134,41 @@ class Fit:
     reg_search: dict[str, Any] | None = None
 
 
+def fold_rows(n_val: int, keep: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """``(held, joined)``: which of ``n_val`` validation rows :func:`fold_validation` keeps held out
+    (``keep`` of them, seeded) and which it trains on, each in row order."""
+    order = np.random.default_rng([seed, n_val]).permutation(n_val)
+    return np.sort(order[:keep]), np.sort(order[keep:])
+
+
+def fold_validation(train: Ratings, val: Ratings | None, config: TrainConfig, *,
+                    distributed: bool = False) -> tuple[Ratings, Ratings | None, dict[str, Any] | None]:
+    """``(train, val, folded)``: on the automatic mini-batch path (``models.path_choice``, rule 1) with
+    refit on and more than ``EVAL_SAMPLE`` validation ratings, a seeded sample of ``EVAL_SAMPLE`` of
+    them stays the validation part and the rest joins the training ratings at once, in one run
+    instead of an early-stopped run and a refit on train + val; ``folded`` says how many went
+    where (None: nothing changed).
+
+    Why: the refit exists to train on the validation ratings too, and costs a second whole run. On
+    that path the evaluations score a fixed sample of ``EVAL_SAMPLE`` validation ratings anyway (its
+    RMSE's standard error is about 0.002 at the rating noise of MovieLens), so holding out more buys
+    nothing, while one run on train + the rest of val fits as many ratings less ``EVAL_SAMPLE``
+    (1% at 10M) in half the time. The reported validation metrics are the held-out sample's, which
+    the model never saw. Distributed runs, explicit paths and ``refit=False`` keep the two-run rule.
+    """
+    from recsys_flowadam.models.path_choice import EVAL_SAMPLE, takes_auto_minibatch
+
+    if (distributed or not config.refit or val is None or len(val) <= EVAL_SAMPLE or config.batch_size is not None
+            or config.representation != "auto" or not takes_auto_minibatch(len(train), config.optimizer)):
+        return train, val, None
+    held, joined = fold_rows(len(val), EVAL_SAMPLE, config.seed)
+    folded = {"n_val_held_out": len(held), "n_val_trained_on": len(joined),
+              "why": f"{len(train):,} training ratings take the automatic mini-batch path, which validates on "
+                     f"{EVAL_SAMPLE:,} ratings: the other {len(joined):,} validation ratings are trained on in "
+                     "the one run instead of in a refit"}
+    return concat_ratings(train, val.subset(joined, name=val.name)), val.subset(held, name=val.name), folded
+
+
 def fit_and_score(train: Ratings, val: Ratings | None, config: TrainConfig, *,
                   checkpoint_path: Path | None = None, resume: bool = False, progress: bool = False,
                   on_step: Callable[[int], None] | None = None, data_identity: dict[str, Any] | None = None) -> Fit:
@@ -145,6 +180,7 @@ def fit_and_score(train: Ratings, val: Ratings | None, config: TrainConfig, *,
     from recsys_flowadam.train.reg_search import choose_reg
 
     dctx = current_distributed()
+    train, val, folded = fold_validation(train, val, config, distributed=dctx is not None)
     config, search, chosen = choose_reg(train, val, config, distributed=dctx is not None,
                                         run=lambda c: train_model(train, val, c, progress=progress))
     checkpointing = checkpoint_path is not None and (config.checkpoint_every > 0 or resume)
@@ -164,6 +200,10 @@ def fit_and_score(train: Ratings, val: Ratings | None, config: TrainConfig, *,
     else:
         metrics.update({"val_rmse": None, "val_mae": None, "n_val": 0})
     # val metrics above stay the first run's
+    if folded is not None:  # one run on train + most of val already: nothing to refit
+        metrics["validation_folded"] = folded
+        result.extra["validation_folded"] = folded
+        return Fit(result, train, metrics, main, config, search.to_dict())
     result, fit_ratings = _refit(result, train, val, config, progress)
     if fit_ratings is not train:
         metrics["n_train_refit"] = len(fit_ratings)
@@ -231,6 +271,7 @@ def _summary(data: DataSettings, fit: Fit, split: Split, metrics: dict[str, Any]
         "refit_restored": refit_restored(result), "out": str(out_dir),
         "world_size": 1 if dctx is None else dctx.world_size,
         "reg": config.reg, "bias_reg": config.bias_reg, "reg_search": fit.reg_search,
+        "validation_folded": metrics.get("validation_folded"),
     }
 
 
