@@ -18,7 +18,7 @@ def _problem():
 
 
 def test_names():
-    assert optimizer_names() == ["flowadam", "adam", "adamw", "sgd", "lbfgs", "lion", "adabelief"]
+    assert optimizer_names() == ["flowadam", "adam", "adamw", "lazy-adam", "sgd", "lbfgs", "lion", "adabelief"]
     assert set(OPTIMIZERS) == set(optimizer_names())
 
 

@@ -31,6 +31,15 @@ def user_segments(users, n_users):
 
 
 @jit
+def loss_terms(r, huber, delta, scale):
+    """``(rho(r), scale * psi(r) / 2)`` of one residual: MSE ``r^2``, or Huber (``huber``) past
+    ``delta``: ``2 delta |r| - delta^2``; rho as a float64 sum term, the gradient in r's dtype."""
+    if huber and abs(r) > delta:
+        return 2.0 * float(delta) * abs(float(r)) - float(delta) * float(delta), scale * (delta if r > 0 else -delta)
+    return float(r) * float(r), scale * r
+
+
+@jit
 def data_term(users, items, values, U, V, bu, bi, offset, huber, delta, scale, dU, dV, dbu, dbi, extra, g_out,
               w_user, lam, lam_bias):
     """The batch's data term and the users' L2 term in one walk over the users; returns
@@ -99,13 +108,8 @@ def data_term(users, items, values, U, V, bu, bi, offset, huber, delta, scale, d
                 pred += extra[k]
             for f in range(rank):
                 pred += u_row[f] * items_rows[i, f]
-            r = pred - values[k]
-            if huber and abs(r) > delta:
-                total += 2.0 * float(delta) * abs(float(r)) - float(delta) * float(delta)
-                g = scale * (delta if r > 0 else -delta)
-            else:
-                total += float(r) * float(r)
-                g = scale * r
+            rho, g = loss_terms(pred - values[k], huber, delta, scale)
+            total += rho
             if keep_g:
                 g_out[k] = g
             g_b += g

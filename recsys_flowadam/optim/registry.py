@@ -24,6 +24,12 @@ def _flowadam() -> type:
     return FlowAdam
 
 
+def _lazy_adam() -> type:
+    from recsys_flowadam.optim.lazy_adam import LazyAdam
+
+    return LazyAdam
+
+
 def _lion() -> type:
     from pytorch_optimizer import Lion
 
@@ -68,6 +74,8 @@ OPTIMIZERS: Mapping[str, OptimizerEntry] = MappingProxyType(
         ),
         "adam": OptimizerEntry(lambda: torch.optim.Adam, {}, "torch.optim.Adam"),
         "adamw": OptimizerEntry(lambda: torch.optim.AdamW, {}, "torch.optim.AdamW"),
+        "lazy-adam": OptimizerEntry(_lazy_adam, {}, "Adam on the rows a mini-batch touches, fused with its gradient "
+                                                    "(CPU, mf/biased-mf; optim.lazy_adam)"),
         "sgd": OptimizerEntry(lambda: torch.optim.SGD, {"momentum": 0.9}, "torch.optim.SGD, momentum 0.9"),
         "lbfgs": OptimizerEntry(lambda: torch.optim.LBFGS, {}, "torch.optim.LBFGS"),
         "lion": OptimizerEntry(_lion, {}, "pytorch_optimizer.Lion"),

@@ -36,10 +36,12 @@ from recsys_flowadam.train.loop_state import LoopState
 @dataclass(frozen=True)
 class Batch:
     """One closure's data: ``coords`` (None: the path's own, i.e. the full batch) and this
-    process's ``share`` of the global count of ratings in the step (weights the all-reduce)."""
+    process's ``share`` of the global count of ratings in the step (weights the all-reduce);
+    ``index``: the batch's number in a laid-out source (:class:`SlottedMiniBatches`)."""
 
     coords: Coords | None
     share: float
+    index: int | None = None
 
 
 class BatchSource(Protocol):
@@ -290,6 +292,28 @@ class ShardMiniBatches(_MiniBatches):
         assert self._mine is not None
         positions = self._mine[self._starts[index]:self._starts[index + 1]]
         return Batch(self.coords.select(positions), self._shares[index])
+
+
+class SlottedMiniBatches(_MiniBatches):
+    """Lazy Adam's batches (``models.row_sparse``): the ratings are cut into batches once, by a
+    permutation drawn from the shuffle generator when the source is made, and laid out batch by
+    batch; every epoch visits the batches in a new order (one ``randperm`` of the batch count).
+    A batch is its number (``Batch.index``)."""
+
+    def __init__(self, coords: Coords, batch_size: int, gen: torch.Generator, n_users: int,
+                 dtype: torch.dtype) -> None:
+        from recsys_flowadam.models.row_sparse import SlottedRatings
+
+        batch_size = min(batch_size, len(coords))
+        self.slotted = SlottedRatings(coords, batch_size, _permutation(len(coords), gen), n_users, dtype)
+        super().__init__(coords, len(coords), batch_size, gen, torch.device("cpu"))
+        self._order: list[int] = []
+
+    def _new_epoch(self) -> None:
+        self._order = torch.randperm(self.n_batches, generator=self.gen).tolist()
+
+    def _take(self, index: int) -> Batch:
+        return Batch(None, 1.0, self._order[index])
 
 
 def make_batch_source(data: DataPlacement, minibatch: bool, batch_size: int | None, seed: int,

@@ -52,9 +52,11 @@ from recsys_flowadam.data.ratings import Ratings
 from recsys_flowadam.models import ModelSpec, Objective, PathChoice, init_params, make_path
 from recsys_flowadam.models.minibatch import retained_heap
 from recsys_flowadam.train.checkpoint import CheckpointError
+from recsys_flowadam.models.row_sparse import LazyAdamStep
 from recsys_flowadam.train.batches import (
     BatchSource,
     GradientClosure,
+    SlottedMiniBatches,
     make_batch_source,
     step_limit,
     place_training_data,
@@ -311,6 +313,19 @@ def _resume(checkpointer: Checkpointer, params: dict[str, torch.Tensor], opt: to
     return snap.loop
 
 
+LAZY_ADAM = "lazy-adam"  # the optimizer fused with its mini-batch step (models.row_sparse)
+
+
+def _check_lazy(params: dict[str, torch.Tensor], objective: Objective, device: torch.device,
+                dctx: DistContext | None) -> None:
+    """Refuse lazy-adam where its fused step cannot run, saying why."""
+    from recsys_flowadam.models.row_sparse import unsupported_reason
+
+    why = unsupported_reason(params, objective, device, dctx is not None)
+    if why is not None:
+        raise ValueError(f"optimizer lazy-adam cannot train this run: {why}; use adam instead")
+
+
 FUSED_BY_DEFAULT = ("adam", "adamw")  # torch optimizers whose fused kernel the mini-batch path turns on
 
 
@@ -415,14 +430,22 @@ def train_model(
     data = place_training_data(problem.coords, problem.objective, dctx, config.seed, device)
     choice = (PathChoice(**path_choice) if path_choice is not None
               else choose_run_path(config, problem.spec, problem.coords, data.largest, device))
-    path = make_path(choice.representation, problem.spec, data.coords, data.path_objective)
+    lazy = config.optimizer.lower() == LAZY_ADAM
+    path = None if lazy else make_path(choice.representation, problem.spec, data.coords, data.path_objective)
     params = init_params(problem.spec, init_std=config.init_std, generator=torch.Generator().manual_seed(config.seed),
                          device=device, dtype=problem.dtype)
     opt = build_optimizer(config.optimizer, params.values(), config.lr, **optimizer_kwargs(config, choice, device))
+    if lazy:
+        _check_lazy(params, problem.objective, device, dctx)
     evaluator = Evaluator(problem.predictor(params), params, problem.coords_of(val), config,
                           evaluates=data.is_main, agree=stop_agreement(dctx, device), every=choice.eval_every,
                           sample=choice.eval_sample)
-    source = make_batch_source(data, choice.representation == "minibatch", choice.batch_size, config.seed, device)
+    if lazy:  # the ratings laid out in batches once (models.row_sparse)
+        source: BatchSource = SlottedMiniBatches(data.coords, choice.batch_size or len(data.coords),
+                                                 torch.Generator().manual_seed(config.seed + 1),
+                                                 problem.spec.n_users, problem.dtype)
+    else:
+        source = make_batch_source(data, choice.representation == "minibatch", choice.batch_size, config.seed, device)
     limit = step_limit(config, source.n_batches, choice.max_steps)
     lr_decay = None if choice.lr_half_life_steps is None else LrDecay(
         opt, choice.lr_half_life_steps, choice.lr_scale, choice.lr_hold_steps)
@@ -435,7 +458,10 @@ def train_model(
     bar = _progress_bar(config, limit, state.step, show=progress and data.is_main)
     guard = (ObjectiveGuard(params) if keep_lowest_objective and val is None and choice.representation != "minibatch"
              else None)
-    driver = StepDriver(state=state, source=source, closure=GradientClosure(path, params, data), opt=opt,
+    # after a resume: the fused step works on the optimizer's moments as loaded
+    closure = (LazyAdamStep(source.slotted, params, problem.objective, opt, data.coords) if lazy  # type: ignore[attr-defined]
+               else GradientClosure(path, params, data))
+    driver = StepDriver(state=state, source=source, closure=closure, opt=opt,
                         evaluator=evaluator, checkpointer=checkpointer, limit=limit, on_step=on_step, bar=bar,
                         lr_decay=lr_decay, guard=guard)
     cpu_minibatch = device.type == "cpu" and choice.representation == "minibatch"

@@ -1,0 +1,158 @@
+"""The numba kernels of :mod:`recsys_flowadam.models.row_sparse` (imported only when numba is).
+
+Top-level functions so that numba's on-disk cache finds them again in a new process.
+"""
+
+import numba
+import numpy as np
+
+from recsys_flowadam.models.fused_kernels import loss_terms
+
+# fastmath without nnan/ninf: a NaN or infinite loss must stay one (the trainer stops on it);
+# error_model="numpy": a float division needs no zero check, so the Adam updates vectorise
+jit = numba.njit(cache=True, nogil=True, fastmath={"reassoc", "contract", "nsz", "arcp"}, boundscheck=False,
+                 error_model="numpy")
+
+
+@jit
+def slotted_order(users, perm, batch_size, n_users):
+    """``(order, starts)``: rating ``perm[k]`` goes to batch ``k // batch_size``; ``order`` lists the
+    ratings batch by batch and, inside a batch, user by user (two stable counting sorts, O(n +
+    n_users)); batch ``b`` is ``order[starts[b]:starts[b + 1]]``."""
+    n = users.shape[0]
+    n_batches = (n + batch_size - 1) // batch_size
+    slot = np.empty(n, dtype=np.int64)
+    for k in range(n):
+        slot[perm[k]] = k // batch_size
+    by_user = np.zeros(n_users + 1, dtype=np.int64)
+    for k in range(n):
+        if users[k] < 0 or users[k] >= n_users:  # the kernels run without bounds checks
+            raise IndexError("a rating's user index lies outside the factor tables")
+        by_user[users[k] + 1] += 1
+    for u in range(n_users):
+        by_user[u + 1] += by_user[u]
+    user_sorted = np.empty(n, dtype=np.int64)
+    for k in range(n):
+        user_sorted[by_user[users[k]]] = k
+        by_user[users[k]] += 1
+    starts = np.zeros(n_batches + 1, dtype=np.int64)
+    for k in range(n):
+        starts[slot[k] + 1] += 1
+    for b in range(n_batches):
+        starts[b + 1] += starts[b]
+    fill = starts[:-1].copy()
+    order = np.empty(n, dtype=np.int64)
+    for t in range(n):
+        k = user_sorted[t]
+        order[fill[slot[k]]] = k
+        fill[slot[k]] += 1
+    return order, starts
+
+
+@jit
+def _adam_row(x, m, v, g, n, beta1, beta2, step_size, rc2, eps):
+    """Adam's update of one row of ``n`` values, in place (torch.optim.Adam's formula)."""
+    one = x.dtype.type(1.0)
+    for f in range(n):
+        gf = g[f]
+        mm = beta1 * m[f] + (one - beta1) * gf
+        vv = beta2 * v[f] + (one - beta2) * gf * gf
+        m[f] = mm
+        v[f] = vv
+        x[f] = x[f] - step_size * mm / (np.sqrt(vv) * rc2 + eps)
+
+
+@jit
+def lazy_adam_batch(users, items, values, lo, hi, U, V, bu, bi, mU, vU, mV, vV, mbu, vbu, mbi, vbi, c_user,
+                    c_item, offset, huber, delta, lam, lam_bias, beta1, beta2, step_size, rc2, eps, gV, gbi, marks,
+                    touched):
+    """One lazy-Adam step on the ratings ``lo:hi`` of the slotted arrays (grouped by user); returns
+    the batch's objective estimate (mean of rho(r) plus each rating's share of the L2 terms).
+
+    The objective of a rating of user u and item i: rho(pred - y) + lam (c_u ||U_u||^2 + c_i ||V_i||^2)
+    + lam_bias (c_u b_u^2 + c_i b_i^2), whose mean over all ratings is the model's objective
+    (``c`` = a row's L2 weight over its share of the ratings: 1 for frequency weighting; ``c_user``
+    empty: 1). The gradient of the batch mean is taken at the batch's starting parameters; then
+    Adam moves only the rows the batch touches, each with the same step count (lazy Adam, as
+    torch.optim.SparseAdam). A user's row is updated as soon as its ratings have passed (only its
+    own ratings read it); the items', gathered in ``gV``/``gbi`` (zero on entry and on return),
+    after the batch. ``bu`` empty: no biases (``gbi`` is then scratch). ``marks`` (n_items, zero
+    on entry and on return) and ``touched`` (n_items): which items the batch touched."""
+    m = hi - lo
+    if m <= 0:
+        return 0.0
+    rank = U.shape[1]
+    n_items = V.shape[0]
+    has_bias = bu.shape[0] > 0
+    weighted = c_user.shape[0] > 0
+    like = U.dtype.type
+    scale = like(2.0 / m)
+    zero = like(0.0)
+    u_row = np.empty(rank, dtype=U.dtype)
+    g_row = np.empty(rank, dtype=U.dtype)
+    g_b = np.zeros(1, dtype=U.dtype)
+    n_touched = 0
+    total = 0.0
+    penalty = 0.0
+    j = lo
+    while j < hi:
+        a = users[j]
+        e = j + 1
+        while e < hi and users[e] == a:
+            e += 1
+        count = e - j
+        cu = c_user[a] if weighted else 1.0
+        lam_u = like(2.0 * lam * cu * count / m)
+        sq = 0.0
+        for f in range(rank):
+            p = U[a, f]
+            u_row[f] = p
+            sq += float(p) * float(p)
+            g_row[f] = lam_u * p
+        penalty += lam * cu * sq * count
+        b = zero
+        if has_bias:
+            b = bu[a]
+            g_b[0] = like(2.0 * lam_bias * cu * count / m) * b
+            penalty += lam_bias * cu * float(b) * float(b) * count
+        for t in range(j, e):
+            i = items[t]
+            if i < 0 or i >= n_items:
+                raise IndexError("a rating's item index lies outside the factor tables")
+            ci = c_item[i] if weighted else 1.0
+            if marks[i] == 0:
+                marks[i] = 1
+                touched[n_touched] = i
+                n_touched += 1
+            pred = offset + b
+            if has_bias:
+                pred += bi[i]
+            sq_i = 0.0
+            for f in range(rank):
+                pred += u_row[f] * V[i, f]
+                sq_i += float(V[i, f]) * float(V[i, f])
+            penalty += lam * ci * sq_i
+            rho, g = loss_terms(pred - values[t], huber, delta, scale)
+            total += rho
+            lam_i = like(2.0 * lam * ci / m)
+            for f in range(rank):
+                g_row[f] += g * V[i, f]
+                gV[i, f] += g * u_row[f] + lam_i * V[i, f]
+            if has_bias:
+                g_b[0] += g
+                gbi[i] += g + like(2.0 * lam_bias * ci / m) * bi[i]
+                penalty += lam_bias * ci * float(bi[i]) * float(bi[i])
+        _adam_row(U[a], mU[a], vU[a], g_row, rank, beta1, beta2, step_size, rc2, eps)
+        if has_bias:
+            _adam_row(bu[a:a + 1], mbu[a:a + 1], vbu[a:a + 1], g_b, 1, beta1, beta2, step_size, rc2, eps)
+        j = e
+    for t in range(n_touched):
+        i = touched[t]
+        _adam_row(V[i], mV[i], vV[i], gV[i], rank, beta1, beta2, step_size, rc2, eps)
+        if has_bias:
+            _adam_row(bi[i:i + 1], mbi[i:i + 1], vbi[i:i + 1], gbi[i:i + 1], 1, beta1, beta2, step_size, rc2, eps)
+        for f in range(rank):
+            gV[i, f] = zero
+        gbi[i] = zero
+        marks[i] = 0
+    return (total + penalty) / m

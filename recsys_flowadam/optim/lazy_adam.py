@@ -1,0 +1,85 @@
+"""Lazy Adam ("lazy-adam"): Adam whose moments and parameters move only on the rows a mini-batch
+touches, the update fused with the batch's gradient (``models.row_sparse``).
+
+Why: in collaborative filtering a mini-batch touches a small share of the user and item rows.
+Dense Adam decays every row's moments and moves every row by its stale momentum at each step,
+and its cost grows with the model, not the batch. Lazy Adam (as ``torch.optim.SparseAdam``, or
+TensorFlow's LazyAdam) updates a row only when its gradient is there, so a pass over the data
+costs work in proportion to the ratings, and each row moves about as often as it is rated
+(figures in ``models/README.md``).
+
+The class holds the hyper-parameters and, per parameter, the moments ``exp_avg`` and
+``exp_avg_sq`` (what a checkpoint saves) and the shared step count. ``step(closure)`` counts the
+step and calls the closure, which must be the trainer's fused step (``models.row_sparse.
+LazyAdamStep``): it computes the batch's gradient and applies this update in one compiled pass,
+and says so through :meth:`applied`. A closure that only sets ``.grad`` is refused: the rows a
+batch touched are not known from a dense gradient.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Iterable
+
+import torch
+
+__all__ = ["LazyAdam"]
+
+
+class LazyAdam(torch.optim.Optimizer):
+    """Adam on the touched rows only; ``lr``, ``betas`` and ``eps`` as ``torch.optim.Adam``'s."""
+
+    def __init__(self, params: Iterable[Any], lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.999),
+                 eps: float = 1e-8) -> None:
+        if not lr > 0.0:
+            raise ValueError(f"lazy-adam: lr must be positive, got {lr}")
+        if not (0.0 <= betas[0] < 1.0 and 0.0 <= betas[1] < 1.0):
+            raise ValueError(f"lazy-adam: betas must lie in [0, 1), got {betas}")
+        if not eps >= 0.0:
+            raise ValueError(f"lazy-adam: eps must be >= 0, got {eps}")
+        super().__init__(params, {"lr": lr, "betas": tuple(betas), "eps": eps})
+        self._applied = False
+
+    def moments(self, p: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(exp_avg, exp_avg_sq)`` of parameter ``p`` (zero until its first update)."""
+        st = self.state[p]
+        if "exp_avg" not in st:
+            st["exp_avg"] = torch.zeros_like(p, memory_format=torch.contiguous_format)
+            st["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.contiguous_format)
+            st["step"] = torch.zeros((), dtype=torch.float64)
+        return st["exp_avg"], st["exp_avg_sq"]
+
+    def hyper(self) -> dict[str, float]:
+        """This step's update constants (after :meth:`step` counted it): ``step_size`` = lr /
+        (1 - beta1^t) and ``rc2`` = 1 / sqrt(1 - beta2^t), Adam's bias corrections."""
+        group = self.param_groups[0]
+        beta1, beta2 = group["betas"]
+        t = self.step_count
+        return {"beta1": beta1, "beta2": beta2, "eps": group["eps"],
+                "step_size": group["lr"] / (1.0 - beta1**t), "rc2": (1.0 - beta2**t) ** -0.5}
+
+    @property
+    def step_count(self) -> int:
+        """Steps taken (every parameter shares it: a step counts whether or not it moved a row)."""
+        first = self.param_groups[0]["params"][0]
+        self.moments(first)
+        return int(self.state[first]["step"])
+
+    def applied(self) -> None:
+        """Called by the fused step once it has updated the parameters."""
+        self._applied = True
+
+    @torch.no_grad()
+    def step(self, closure: Callable[[], Any] | None = None) -> Any:  # type: ignore[override]
+        """Count the step, then run the fused closure (gradient and update in one pass)."""
+        if closure is None:
+            raise ValueError("lazy-adam needs the trainer's fused step as its closure")
+        for group in self.param_groups:
+            for p in group["params"]:
+                self.moments(p)
+                self.state[p]["step"] += 1
+        self._applied = False
+        loss = closure()
+        if not self._applied:
+            raise RuntimeError("lazy-adam updates only through the fused row-sparse mini-batch step "
+                               "(models.row_sparse); a closure that sets .grad does not say which rows a batch touched")
+        return loss
