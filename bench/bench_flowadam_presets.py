@@ -10,7 +10,7 @@ Sections (``--sections``, default all):
 * ``minibatch``: the medium scenario again, trained on mini-batches of 2000 of its ~24,000
   observed ratings (12 batches an epoch, 1000 steps, same objective and lr): what batch noise
   does to each preset's trigger.
-* ``ml-100k``: ``train --recipe models/ml-100k-biased-mf.toml`` (split u1, early stopping,
+* ``ml-100k``: ``train --recipe models/ml-100k-biased-mf-flowadam.toml`` (split u1, early stopping,
   refit) with ``--preset E``, ``--preset B``, the recipe's own ``A`` and ``--optimizer adam``.
 * ``jester``: ``train --recipe models/jester-4-biased-mf.toml`` likewise.
 
@@ -205,7 +205,7 @@ def main() -> None:
         elif section == "minibatch":
             part = minibatch_section(seeds, args.steps, args.batch)
         else:
-            name = "ml-100k-biased-mf.toml" if section == "ml-100k" else "jester-4-biased-mf.toml"
+            name = "ml-100k-biased-mf-flowadam.toml" if section == "ml-100k" else "jester-4-biased-mf.toml"
             title = "ML-100K u1" if section == "ml-100k" else "Jester-4"
             part = recipe_section(f"{title}, models/{name}", ROOT / "models" / name, args.data_dir)
         for title, rows in part.items():

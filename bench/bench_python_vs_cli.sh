@@ -13,7 +13,7 @@ print('''import time, tomllib
 import numpy as np
 from recsys_flowadam import Recommender
 from recsys_flowadam.data import load_dataset, split_ratings
-recipe = tomllib.load(open("models/ml-100k-biased-mf.toml", "rb"))
+recipe = tomllib.load(open("models/ml-100k-biased-mf-flowadam.toml", "rb"))
 settings = {k: v for k, v in recipe.items() if k not in ("description", "dataset", "split")}
 split = split_ratings(load_dataset("ml-100k"), "u1", seed=0)
 rec = Recommender(**settings).fit(split.train, split.val)
@@ -25,7 +25,7 @@ python -c "while True: pass" & busy=$!
 trap 'kill $busy; rm -rf "$out"' EXIT
 echo "load average: $(cut -d' ' -f1-3 /proc/loadavg)"
 for _ in $(seq "$N"); do
-    /usr/bin/time -f "cli_wall %e" recsys-flowadam train --recipe models/ml-100k-biased-mf.toml --split u1 \
+    /usr/bin/time -f "cli_wall %e" recsys-flowadam train --recipe models/ml-100k-biased-mf-flowadam.toml --split u1 \
         --out "$out/cli" --json 2>"$out/err" | python -c "import sys, json; d = json.load(sys.stdin); \
 print(f\"cli_train {d['train_seconds']:.2f} test_rmse {d['test_rmse']:.4f}\")"
     tail -1 "$out/err"

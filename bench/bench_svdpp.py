@@ -3,7 +3,7 @@
 moving biases).
 
 Part ``cv``: ``cross_validate`` (what ``recsys-flowadam cv`` runs) with ``--recipe`` (default
-``models/ml-100k-svdpp.toml``) and with ``models/ml-100k-biased-mf.toml`` on the same folds: test
+``models/ml-100k-svdpp.toml``) and with ``models/ml-100k-biased-mf-flowadam.toml`` on the same folds: test
 RMSE per fold and the mean (target for the best ML-100K recipe: <= 0.905), seconds per fold, and
 the recipe's time over biased MF's.
 
@@ -135,7 +135,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--parts", default="cv,optimizers", help="comma list of: cv, optimizers")
     parser.add_argument("--recipe", type=Path, default=ROOT / "models" / "ml-100k-svdpp.toml")
-    parser.add_argument("--baseline", type=Path, default=ROOT / "models" / "ml-100k-biased-mf.toml")
+    parser.add_argument("--baseline", type=Path, default=ROOT / "models" / "ml-100k-biased-mf-flowadam.toml")
     parser.add_argument("--folds", default="u1..u5")
     parser.add_argument("--seeds", type=int, default=5)
     parser.add_argument("--only", nargs="*", help="optimizer labels to run (default: all)")

@@ -28,7 +28,7 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-BIASED = ROOT / "models" / "ml-100k-biased-mf.toml"
+BIASED = ROOT / "models" / "ml-100k-biased-mf-flowadam.toml"
 TIME_AWARE = ROOT / "models" / "ml-100k-time-aware.toml"
 SEEDS = (0, 1, 2)
 LR_GRID = (0.005, 0.01, 0.02, 0.05)

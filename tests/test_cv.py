@@ -206,7 +206,7 @@ def test_save_models_writes_the_artifact_train_writes(tmp_path, capsys):
 
 
 @pytest.mark.real_data
-@pytest.mark.parametrize("extra", [[], ["--model", "cp", "--context", "time:3", "--rank", "8"]])
+@pytest.mark.parametrize("extra", [[], ["--model", "cp", "--context", "time:3", "--rank", "8", "--optimizer", "adam"]])
 def test_ml100k_canonical_fold_equals_train(real_data_dir, tmp_path, capsys, extra):
     recipe = Path(__file__).resolve().parents[1] / "models" / "ml-100k-biased-mf.toml"
     common = ["--recipe", str(recipe), "--data-dir", str(real_data_dir), "--steps", "20", "--device", "cpu",

@@ -97,7 +97,7 @@ def _row_coefficients(objective: Objective, name: str, counts: np.ndarray, n: in
 class LazyAdamStep:
     """The closure of a lazy-Adam run: ``batch.index`` names the batch of ``slotted`` to step on;
     one call computes its gradient and lets ``opt`` (a :class:`~recsys_flowadam.optim.lazy_adam.
-    LazyAdam`) move the rows it touches; returns the batch's objective estimate."""
+    LazyAdam`) move the rows it touches; returns the batch's objective estimate (a float)."""
 
     def __init__(self, slotted: SlottedRatings, params: dict[str, torch.Tensor], objective: Objective,
                  opt: Any, coords: Coords) -> None:
@@ -125,7 +125,7 @@ class LazyAdamStep:
         self._marks = np.zeros(spec_items, dtype=np.int8)
         self._touched = np.empty(spec_items, dtype=np.int64)
 
-    def __call__(self) -> torch.Tensor:
+    def __call__(self) -> float:
         s, obj, h = self.slotted, self.objective, self.opt.hyper()
         index = self.batch.index
         like = self._arrays[0].dtype.type
@@ -137,4 +137,4 @@ class LazyAdamStep:
             like(obj.huber_delta), float(obj.reg), float(obj.bias_reg), like(h["beta1"]), like(h["beta2"]),
             like(h["step_size"]), like(h["rc2"]), like(h["eps"]), self._gV, self._gbi, self._marks, self._touched)
         self.opt.applied()
-        return torch.tensor(loss, dtype=torch.float64)
+        return loss  # a float: the loop keeps it as it is (no tensor per step)

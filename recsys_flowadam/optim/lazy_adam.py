@@ -38,6 +38,22 @@ class LazyAdam(torch.optim.Optimizer):
             raise ValueError(f"lazy-adam: eps must be >= 0, got {eps}")
         super().__init__(params, {"lr": lr, "betas": tuple(betas), "eps": eps})
         self._applied = False
+        self.step_count = 0  # steps taken; every row shares it (saved as each parameter's "step")
+        for group in self.param_groups:
+            for p in group["params"]:
+                self.moments(p)
+
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        """torch's, less its ``torch._disable_dynamo`` wrapper: that wrapper imports torch._dynamo
+        (about 2 s on this CPU) though nothing here is compiled; a fold of ML-100K trains in less."""
+        params = param_group["params"]
+        param_group["params"] = [params] if isinstance(params, torch.Tensor) else list(params)
+        for key, value in self.defaults.items():
+            param_group.setdefault(key, value)
+        seen = {id(p) for group in self.param_groups for p in group["params"]}
+        if any(id(p) in seen for p in param_group["params"]):
+            raise ValueError("lazy-adam: a parameter appears in more than one group")
+        self.param_groups.append(param_group)
 
     def moments(self, p: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """``(exp_avg, exp_avg_sq)`` of parameter ``p`` (zero until its first update)."""
@@ -45,7 +61,6 @@ class LazyAdam(torch.optim.Optimizer):
         if "exp_avg" not in st:
             st["exp_avg"] = torch.zeros_like(p, memory_format=torch.contiguous_format)
             st["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.contiguous_format)
-            st["step"] = torch.zeros((), dtype=torch.float64)
         return st["exp_avg"], st["exp_avg_sq"]
 
     def hyper(self) -> dict[str, float]:
@@ -57,26 +72,27 @@ class LazyAdam(torch.optim.Optimizer):
         return {"beta1": beta1, "beta2": beta2, "eps": group["eps"],
                 "step_size": group["lr"] / (1.0 - beta1**t), "rc2": (1.0 - beta2**t) ** -0.5}
 
-    @property
-    def step_count(self) -> int:
-        """Steps taken (every parameter shares it: a step counts whether or not it moved a row)."""
+    def state_dict(self) -> dict[str, Any]:
+        for group in self.param_groups:
+            for p in group["params"]:
+                self.state[p]["step"] = torch.tensor(float(self.step_count))
+        return super().state_dict()
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        super().load_state_dict(state_dict)
         first = self.param_groups[0]["params"][0]
-        self.moments(first)
-        return int(self.state[first]["step"])
+        self.step_count = int(self.state[first].get("step", 0))
 
     def applied(self) -> None:
         """Called by the fused step once it has updated the parameters."""
         self._applied = True
 
-    @torch.no_grad()
     def step(self, closure: Callable[[], Any] | None = None) -> Any:  # type: ignore[override]
-        """Count the step, then run the fused closure (gradient and update in one pass)."""
+        """Count the step, then run the fused closure (gradient and update in one pass). Kept to a
+        few Python operations: on ML-100K-sized batches of 1,000 a step's kernel takes 0.2 ms."""
         if closure is None:
             raise ValueError("lazy-adam needs the trainer's fused step as its closure")
-        for group in self.param_groups:
-            for p in group["params"]:
-                self.moments(p)
-                self.state[p]["step"] += 1
+        self.step_count += 1
         self._applied = False
         loss = closure()
         if not self._applied:

@@ -9,7 +9,6 @@ deviation (ddof=1) of test RMSE, test MAE and seconds.
 
 from __future__ import annotations
 
-import importlib
 import re
 import statistics
 import time
@@ -72,14 +71,19 @@ def check_save_targets(save_models: Path | None, folds: list[str]) -> None:
         raise CrossValidationError(f"--save-models: {exc}") from None
 
 
-def warm_up() -> float:
-    """Pay the process's one-time start-up before the first fold, so that fold times compare:
-    torch's optimizers import ``torch._dynamo`` on their first use (seconds on a small CPU).
-    Returns the seconds it took."""
+def warm_up(config: TrainConfig) -> float:
+    """Pay the process's one-time start-up before the first fold, so that fold times compare: build
+    the configured optimizer once on a dummy parameter (torch's optimizers import ``torch._dynamo``
+    on their first construction, seconds on a small CPU; lazy-adam imports nothing). Returns the
+    seconds it took."""
+    import torch
+
+    from recsys_flowadam.train.optimizers import build_optimizer
+
     t0 = time.perf_counter()
     try:
-        importlib.import_module("torch._dynamo")
-    except ImportError:  # a build without it: nothing to pay
+        build_optimizer(config.optimizer, [torch.zeros(1, requires_grad=True)], config.lr, **config.optimizer_kwargs)
+    except ValueError:  # a bad setting: the first fold reports it, with its context
         pass
     return time.perf_counter() - t0
 
@@ -162,7 +166,7 @@ def cross_validate(data: DataConfig, config: TrainConfig, folds: list[str], *, s
     except ValueError as exc:  # DataError, or a context the data cannot give
         raise CrossValidationError(str(exc)) from None
     load_seconds = time.perf_counter() - t0
-    warm_up_seconds = warm_up()
+    warm_up_seconds = warm_up(config)
     rows = []
     for fold in folds:
         save_to = save_models / fold_dir_name(fold) if save_models is not None else None
