@@ -13,6 +13,8 @@ by side in one run, for:
   (``train``'s default optimizer);
 * the torch CPU thread count: ``--threads 1,2`` runs every variant at each count (``train``
   runs the CPU mini-batch path on one thread);
+* ``--paths row-sparse``: lazy-adam's step, its gradient and its update of the touched rows in one
+  compiled pass (``models.row_sparse``; the batches laid out user by user as ``train`` does);
 * the heap: glibc's default thresholds, then ``retained_heap()`` (``--heap default,retained``;
   in this order, as the setting lasts for the process): ``train`` keeps freed memory on the
   CPU mini-batch path, so a step takes no fresh pages from the system.
@@ -101,6 +103,34 @@ def time_steps(path, spec: ModelSpec, batches: list[Coords], device: torch.devic
     return statistics.median(times) * 1e3, min(times) * 1e3, statistics.median(cpu) * 1e3, faults / repeats
 
 
+def time_lazy_steps(spec: ModelSpec, batches: list[Coords], objective: Objective,
+                    repeats: int) -> tuple[float, float, float, float]:
+    """As :func:`time_steps` for lazy-adam, whose step is the gradient and the update in one compiled
+    pass (``models.row_sparse``): the same batches, laid out as ``train`` lays them out (grouped by
+    user), one step per batch."""
+    from recsys_flowadam.models.row_sparse import LazyAdamStep, SlottedRatings
+    from recsys_flowadam.optim.lazy_adam import LazyAdam
+    from recsys_flowadam.train.batches import Batch
+
+    every = Coords(*(torch.cat([getattr(b, k) for b in batches]) for k in ("users", "items", "values")))
+    size = len(batches[0])
+    slotted = SlottedRatings(every, size, torch.arange(len(every)), spec.n_users, torch.float32)
+    params = init_params(spec, generator=torch.Generator().manual_seed(0))
+    opt = LazyAdam(list(params.values()), lr=0.01)
+    step = LazyAdamStep(slotted, params, objective, opt, every)
+    times, cpu, faults = [], [], 0
+    for k in range(repeats + 5):
+        step.batch = Batch(None, 1.0, k % slotted.n_batches)
+        f0 = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+        t0, c0 = time.perf_counter(), time.process_time()
+        opt.step(step)
+        if k >= 5:
+            times.append(time.perf_counter() - t0)
+            cpu.append(time.process_time() - c0)
+            faults += resource.getrusage(resource.RUSAGE_SELF).ru_minflt - f0
+    return statistics.median(times) * 1e3, min(times) * 1e3, statistics.median(cpu) * 1e3, faults / repeats
+
+
 def report(label: str, timing: tuple[float, float, float, float]) -> None:
     med, best, cpu, faults = timing
     print(f"  {label} median {med:7.2f} ms/step  fastest {best:7.2f} ms  CPU {cpu:7.2f} ms  "
@@ -120,7 +150,8 @@ def main() -> None:
     ap.add_argument("--threads", default="1,2", help="comma-separated torch CPU thread counts (0: torch's default)")
     ap.add_argument("--paths", default="minibatch-fused,minibatch,minibatch-index_add,autograd",
                     help="minibatch-fused: the numba kernel (the CPU default for mf and biased-mf); minibatch: "
-                         "the torch path with sorted segment sums")
+                         "the torch path with sorted segment sums; row-sparse: lazy-adam's fused gradient and "
+                         "update (CPU, mf/biased-mf; the optimizers list does not apply to it)")
     ap.add_argument("--optimizers", default=",".join(OPTIMIZERS), help=f"of {', '.join(OPTIMIZERS)}")
     ap.add_argument("--heap", default="default,retained", help="default, retained or both (in this order)")
     args = ap.parse_args()
@@ -146,6 +177,10 @@ def main() -> None:
             for threads in [int(t) or default_threads for t in args.threads.split(",")]:
                 torch.set_num_threads(threads)
                 for name in args.paths.split(","):
+                    if name == "row-sparse":  # lazy-adam: its own fused step, no other optimizer
+                        report(f"{heap} heap, {threads} thread{'s' if threads > 1 else ' '} {name:19s} + "
+                               f"{'lazy-adam':12s}", time_lazy_steps(spec, batches, objective, args.repeats))
+                        continue
                     path = builders[name]()
                     for label in args.optimizers.split(","):
                         report(f"{heap} heap, {threads} thread{'s' if threads > 1 else ' '} {name:19s} + {label:12s}",
