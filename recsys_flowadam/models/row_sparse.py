@@ -74,12 +74,10 @@ class SlottedRatings:
                  dtype: torch.dtype) -> None:
         k = _kernels()
         assert k is not None
-        users = _np(coords.users).astype(np.int64, copy=False)
-        order, starts = k.slotted_order(users, _np(perm).astype(np.int64, copy=False), int(batch_size), int(n_users))
-        self.users = np.ascontiguousarray(users[order])
-        self.items = np.ascontiguousarray(_np(coords.items).astype(np.int64, copy=False)[order])
-        self.values = np.ascontiguousarray(_np(coords.values.to(dtype))[order])
-        self.starts = starts
+        self.users, self.items, self.values, self.starts = k.slotted_layout(
+            _np(coords.users), _np(coords.items), _np(coords.values.to(dtype)), _np(perm), int(batch_size),
+            int(n_users))
+        starts = self.starts
         self.n_batches = len(starts) - 1
 
     def batch_size(self, index: int) -> int:

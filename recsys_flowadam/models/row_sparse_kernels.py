@@ -15,13 +15,14 @@ jit = numba.njit(cache=True, nogil=True, fastmath={"reassoc", "contract", "nsz",
 
 
 @jit
-def slotted_order(users, perm, batch_size, n_users):
-    """``(order, starts)``: rating ``perm[k]`` goes to batch ``k // batch_size``; ``order`` lists the
-    ratings batch by batch and, inside a batch, user by user (two stable counting sorts, O(n +
-    n_users)); batch ``b`` is ``order[starts[b]:starts[b + 1]]``."""
+def slotted_layout(users, items, values, perm, batch_size, n_users):
+    """``(users, items, values, starts)`` laid out batch by batch: rating ``perm[k]`` goes to batch
+    ``k // batch_size``, and inside a batch the ratings come user by user (two stable counting
+    sorts, O(n + n_users), the arrays written in their final order at once); batch ``b`` is
+    ``starts[b]:starts[b + 1]``."""
     n = users.shape[0]
     n_batches = (n + batch_size - 1) // batch_size
-    slot = np.empty(n, dtype=np.int64)
+    slot = np.empty(n, dtype=np.int32)
     for k in range(n):
         slot[perm[k]] = k // batch_size
     by_user = np.zeros(n_users + 1, dtype=np.int64)
@@ -41,12 +42,17 @@ def slotted_order(users, perm, batch_size, n_users):
     for b in range(n_batches):
         starts[b + 1] += starts[b]
     fill = starts[:-1].copy()
-    order = np.empty(n, dtype=np.int64)
+    out_users = np.empty(n, dtype=users.dtype)
+    out_items = np.empty(n, dtype=items.dtype)
+    out_values = np.empty(n, dtype=values.dtype)
     for t in range(n):
         k = user_sorted[t]
-        order[fill[slot[k]]] = k
+        p = fill[slot[k]]
         fill[slot[k]] += 1
-    return order, starts
+        out_users[p] = users[k]
+        out_items[p] = items[k]
+        out_values[p] = values[k]
+    return out_users, out_items, out_values, starts
 
 
 @jit
