@@ -98,7 +98,8 @@ class TrainConfig:
         None, description="subtract the training mean (prediction offset); unset: on for models with biases")
     cp_biases: bool = Field(False, description="cp with user and item biases")
     optimizer: str = Field(
-        "flowadam", min_length=1, description="flowadam, adam, adamw, sgd, lion, adabelief, lbfgs, ...")
+        "flowadam", min_length=1,
+        description="flowadam, adam, adamw, lazy-adam (mini-batches, CPU), sgd, lion, adabelief, lbfgs, ...")
     lr: float = Field(0.02, gt=0, allow_inf_nan=False, description="learning rate")
     optimizer_kwargs: dict[str, Any] = Field(
         default_factory=dict, description="extra optimizer keyword (e.g. weight_decay=0.01); FlowAdam's knobs "

@@ -459,8 +459,8 @@ def train_model(
     guard = (ObjectiveGuard(params) if keep_lowest_objective and val is None and choice.representation != "minibatch"
              else None)
     # after a resume: the fused step works on the optimizer's moments as loaded
-    closure = (LazyAdamStep(source.slotted, params, problem.objective, opt, data.coords) if lazy  # type: ignore[attr-defined]
-               else GradientClosure(path, params, data))
+    closure: Any = (LazyAdamStep(source.slotted, params, problem.objective, opt, data.coords)  # type: ignore[attr-defined]
+                    if lazy else GradientClosure(path, params, data))
     driver = StepDriver(state=state, source=source, closure=closure, opt=opt,
                         evaluator=evaluator, checkpointer=checkpointer, limit=limit, on_step=on_step, bar=bar,
                         lr_decay=lr_decay, guard=guard)
