@@ -114,7 +114,7 @@ def time_lazy_steps(spec: ModelSpec, batches: list[Coords], objective: Objective
 
     every = Coords(*(torch.cat([getattr(b, k) for b in batches]) for k in ("users", "items", "values")))
     size = len(batches[0])
-    slotted = SlottedRatings(every, size, torch.arange(len(every)), spec.n_users, torch.float32)
+    slotted = SlottedRatings(every, size, torch.arange(len(every)), (spec.n_users, spec.n_items), torch.float32)
     params = init_params(spec, generator=torch.Generator().manual_seed(0))
     opt = LazyAdam(list(params.values()), lr=0.01)
     step = LazyAdamStep(slotted, params, objective, opt, every)

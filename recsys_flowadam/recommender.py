@@ -87,7 +87,9 @@ class Recommender:
         With ``reg`` unset and ``tune`` on (the defaults), ``reg`` is chosen on the validation part
         (``train.reg_search``); without ``val``, one is carved from ``ratings`` for the search and
         early stopping (12.5%, drawn with ``seed``) when ``refit`` is on, so the final model still
-        fits every rating; otherwise reg takes its default and a warning says so.
+        fits every rating; otherwise reg takes its default and a warning says so. From 3M training
+        ratings (the automatic mini-batch path) all but 100k of a validation part join the one
+        training run instead of a refit (``pipeline.fold_validation``): those 100k are not fitted.
         """
         from recsys_flowadam.train.config import training_config
         from recsys_flowadam.train.pipeline import fit_and_score, in_memory_artifact

@@ -82,7 +82,7 @@ def test_fused_step_matches_autograd_and_lazy_adam(model, weighting, loss):
     ref_moments = {k: (torch.zeros_like(p), torch.zeros_like(p)) for k, p in params.items()}
     opt = LazyAdam(params.values(), lr=0.05)
     slotted = SlottedRatings(coords, 150, torch.randperm(len(coords), generator=torch.Generator().manual_seed(3)),
-                             spec.n_users, dtype)
+                             (spec.n_users, spec.n_items), dtype)
     step = LazyAdamStep(slotted, params, obj, opt, coords)
     counts_u = torch.bincount(coords.users, minlength=200).double()
     counts_i = torch.bincount(coords.items, minlength=25).double()
@@ -114,7 +114,7 @@ def test_fused_step_matches_autograd_and_lazy_adam(model, weighting, loss):
 def test_slotted_batches_cover_every_rating_once_grouped_by_user():
     coords = _coords(n=601, crowd=False)  # distinct (user, item) pairs: each names one rating
     perm = torch.randperm(601, generator=torch.Generator().manual_seed(0))
-    s = SlottedRatings(coords, 100, perm, 40, torch.float32)
+    s = SlottedRatings(coords, 100, perm, (40, 25), torch.float32)
     assert s.n_batches == 7 and [s.batch_size(b) for b in range(7)] == [100] * 6 + [1]
     seen = sorted(zip(s.users.tolist(), s.items.tolist()))
     assert seen == sorted(zip(coords.users.tolist(), coords.items.tolist()))
@@ -167,13 +167,36 @@ def test_trainer_runs_lazy_adam_learns_and_resumes_exactly(tmp_path):
         assert torch.equal(resumed.params[name], full.params[name]), name
 
 
-def test_lazy_adam_without_batch_size_takes_the_automatic_minibatch_path():
+def test_lazy_adam_without_batch_size_picks_its_batches_by_size(monkeypatch):
+    from recsys_flowadam.models import path_choice
+
     train, val = _ratings()
     cfg = TrainConfig(model="mf", rank=2, optimizer="lazy-adam", lr=0.02, reg=0.05, steps=5, patience=0)
-    res = train_model(train, val, cfg)
-    assert res.representation == "minibatch" and "lazy-adam steps on mini-batches" in res.path_choice["reason"]
-    with pytest.raises(ValueError, match="lazy-adam steps on mini-batches"):
+    res = train_model(train, val, cfg)  # small data: 80 batches a pass at the configured rate, no schedule
+    choice = res.path_choice
+    assert res.representation == "minibatch" and "lazy-adam steps on mini-batches" in choice["reason"]
+    assert choice["batch_size"] == round(len(train) / path_choice.BATCHES_PER_EPOCH)
+    assert choice["lr_half_life_steps"] is None and choice["eval_every"] == 40
+    monkeypatch.setattr(path_choice, "MINIBATCH_MIN_RATINGS", 1000)  # counted as large: the automatic schedule
+    big = train_model(train, val, cfg).path_choice
+    assert big["lr_half_life_steps"] is not None and big["batch_size"] == len(train)  # MIN_AUTO_BATCH > n
+    with pytest.raises(ValueError, match="lazy-adam steps on mini-batches, not on representation 'sparse': drop"):
         train_model(train, val, TrainConfig(**{**cfg.to_dict(), "representation": "sparse"}))
+
+
+def test_lazy_adam_runs_on_the_cpu_under_device_auto_where_cuda_is(monkeypatch):
+    train, val = _ratings()
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    cfg = TrainConfig(model="biased-mf", rank=2, optimizer="lazy-adam", reg=0.05, steps=3, batch_size=500)
+    assert train_model(train, val, cfg).device == "cpu"
+
+
+def test_layout_refuses_an_index_outside_the_tables():
+    coords = _coords(n=50)
+    with pytest.raises(IndexError, match="item index"):
+        SlottedRatings(coords, 10, torch.randperm(50), (40, 3), torch.float64)
+    with pytest.raises(IndexError, match="user index"):
+        SlottedRatings(coords, 10, torch.randperm(50), (2, 25), torch.float64)
 
 
 def test_lazy_adam_refuses_what_its_fused_step_cannot_train():
@@ -198,7 +221,7 @@ def test_slotted_source_epochs_visit_every_batch_in_a_new_order():
     from recsys_flowadam.train.loop_state import LoopState
 
     coords = _coords(n=600)
-    source = SlottedMiniBatches(coords, 100, torch.Generator().manual_seed(5), 40, torch.float64)
+    source = SlottedMiniBatches(coords, 100, torch.Generator().manual_seed(5), (40, 25), torch.float64)
     state = LoopState()
     epochs = [[source.next(state).index for _ in range(6)] for _ in range(3)]
     assert all(sorted(e) == list(range(6)) for e in epochs)

@@ -59,14 +59,14 @@ def warm_only(held_out, fit_part):
     return held_out[warm.to_numpy()]
 
 
-def as_main_run_fits(fit_part, val_part, seed: int):
+def as_main_run_fits(fit_part, val_part, seed: int, optimizer: str):
     """The ratings the main run trains on: ``fit_part`` plus, where ``train`` folds most of a large
     validation part into its one run (``pipeline.fold_validation``), the same rows of ``val_part``,
     in the same order; so the trace run follows the main run's trajectory."""
     from recsys_flowadam.models.path_choice import EVAL_SAMPLE, takes_auto_minibatch
     from recsys_flowadam.train.pipeline import fold_rows
 
-    if len(val_part) <= EVAL_SAMPLE or not takes_auto_minibatch(len(fit_part), "adam"):
+    if len(val_part) <= EVAL_SAMPLE or not takes_auto_minibatch(len(fit_part), optimizer):
         return fit_part
     _, joined = fold_rows(len(val_part), EVAL_SAMPLE, seed)
     return pd.concat([fit_part, val_part.iloc[joined]], ignore_index=True)
@@ -121,12 +121,13 @@ def main() -> None:
         torch.set_num_threads(args.threads)
     train, test = read_ratings(args.train), read_ratings(args.test)
     fit_part, val_part = carve_validation(train, args.seed)
+    settings = {"seed": args.seed} | ({"optimizer": args.optimizer} if args.optimizer else {}) | given(args.set)
     if args.trace:  # score the whole test file at every evaluation, not train's fixed sample of it
         from recsys_flowadam.models import path_choice
 
-        fit_part = as_main_run_fits(fit_part, warm_only(val_part, fit_part), args.seed)
+        fit_part = as_main_run_fits(fit_part, warm_only(val_part, fit_part), args.seed,
+                                    settings.get("optimizer", "flowadam"))
         path_choice.EVAL_SAMPLE = 1 << 62  # (and so nothing of the test file is folded into training)
-    settings = {"seed": args.seed} | ({"optimizer": args.optimizer} if args.optimizer else {}) | given(args.set)
     # the trace needs the first run's trajectory only: no refit (on the test file) after it
     rec = Recommender(**settings, **({"refit": False} if args.trace else {}))
     held_out = warm_only(test if args.trace else val_part, fit_part)

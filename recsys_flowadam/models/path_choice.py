@@ -116,6 +116,18 @@ def auto_minibatch(n_ratings: int, device: torch.device, why: str) -> PathChoice
                       eval_every=every, eval_sample=EVAL_SAMPLE, lr_scale=AUTO_LR_SCALE)
 
 
+def small_minibatch(n_ratings: int, why: str) -> PathChoice:
+    """Mini-batches for data below rule 1's size, for an optimizer that steps only on them
+    (lazy-adam): ``BATCHES_PER_EPOCH`` batches a pass at the configured rate, no schedule (early
+    stopping ends the run), validation twice a pass. The large-data schedule (batches of at
+    least ``MIN_AUTO_BATCH``, three passes) would leave ML-100K with a dozen steps."""
+    size = max(1, round(n_ratings / BATCHES_PER_EPOCH))
+    per_epoch = math.ceil(n_ratings / size)
+    every = max(1, per_epoch // 2)
+    return PathChoice("minibatch", size, f"{why}: mini-batches of {size:,} ({per_epoch} a pass) at the configured "
+                                         f"rate; validation every {every} steps (twice a pass)", eval_every=every)
+
+
 def takes_auto_minibatch(n_ratings: int, optimizer: str) -> bool:
     """Whether :func:`choose_path` sends ``n_ratings`` training ratings to mini-batches by their count
     alone (rule 1), whatever the memory budget."""

@@ -13,7 +13,8 @@ The objective. Each rating carries its share of the L2 terms: ``lam * c_u ||U_u|
 = the row's L2 weight over its share of the ratings (1 with frequency weighting, where the
 weight is the share), so the mean over all ratings is exactly the model's objective and the batch
 mean an unbiased estimate of it, with a gradient only on the rows the batch touches. The
-reported loss is that estimate. For mf and biased-mf, MSE or Huber, float32 or float64.
+reported loss is that estimate. With uniform L2 a rarely rated row's ``c_u`` is large (the
+number of ratings over its count), so the estimate is noisy where frequency weighting's is not. For mf and biased-mf, MSE or Huber, float32 or float64.
 """
 
 from __future__ import annotations
@@ -67,16 +68,17 @@ def _np(t: torch.Tensor) -> np.ndarray:
 
 class SlottedRatings:
     """The training ratings laid out batch by batch, user by user inside a batch (see the module
-    doc): ``users``/``items``/``values`` as numpy arrays in that order and ``starts`` (batch
-    ``b`` is ``starts[b]:starts[b + 1]``); ``perm`` is the seeded permutation that made the batches."""
+    doc; ``shape``: the model's (users, items), which every index is checked against):
+    ``users``/``items``/``values`` as numpy arrays in that order and ``starts`` (batch
+    ``b`` is ``starts[b]:starts[b + 1]``), cut from the seeded permutation ``perm``."""
 
-    def __init__(self, coords: Coords, batch_size: int, perm: torch.Tensor, n_users: int,
+    def __init__(self, coords: Coords, batch_size: int, perm: torch.Tensor, shape: tuple[int, int],
                  dtype: torch.dtype) -> None:
         k = _kernels()
         assert k is not None
         self.users, self.items, self.values, self.starts = k.slotted_layout(
             _np(coords.users), _np(coords.items), _np(coords.values.to(dtype)), _np(perm), int(batch_size),
-            int(n_users))
+            int(shape[0]), int(shape[1]))
         starts = self.starts
         self.n_batches = len(starts) - 1
 
@@ -113,7 +115,6 @@ class LazyAdamStep:
         # frequency weighting (weights = shares, up to float rounding): every coefficient is 1
         self.c_user, self.c_item = (np.empty(0), np.empty(0)) if ones else (c_user, c_item)
         U = params["user_factors"]
-        self.has_bias = "user_bias" in params
         empty = np.empty(0, dtype=_np(U).dtype)
         self._arrays = [_np(params[name]) if name in params else empty for name in PARAM_NAMES]
         moments = [opt.moments(params[name]) if name in params else (None, None) for name in PARAM_NAMES]

@@ -15,7 +15,7 @@ jit = numba.njit(cache=True, nogil=True, fastmath={"reassoc", "contract", "nsz",
 
 
 @jit
-def slotted_layout(users, items, values, perm, batch_size, n_users):
+def slotted_layout(users, items, values, perm, batch_size, n_users, n_items):
     """``(users, items, values, starts)`` laid out batch by batch: rating ``perm[k]`` goes to batch
     ``k // batch_size``, and inside a batch the ratings come user by user (two stable counting
     sorts, O(n + n_users), the arrays written in their final order at once); batch ``b`` is
@@ -29,6 +29,8 @@ def slotted_layout(users, items, values, perm, batch_size, n_users):
     for k in range(n):
         if users[k] < 0 or users[k] >= n_users:  # the kernels run without bounds checks
             raise IndexError("a rating's user index lies outside the factor tables")
+        if items[k] < 0 or items[k] >= n_items:
+            raise IndexError("a rating's item index lies outside the factor tables")
         by_user[users[k] + 1] += 1
     for u in range(n_users):
         by_user[u + 1] += by_user[u]

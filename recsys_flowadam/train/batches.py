@@ -300,12 +300,12 @@ class SlottedMiniBatches(_MiniBatches):
     batch; every epoch visits the batches in a new order (one ``randperm`` of the batch count).
     A batch is its number (``Batch.index``)."""
 
-    def __init__(self, coords: Coords, batch_size: int, gen: torch.Generator, n_users: int,
+    def __init__(self, coords: Coords, batch_size: int, gen: torch.Generator, shape: tuple[int, int],
                  dtype: torch.dtype) -> None:
         from recsys_flowadam.models.row_sparse import SlottedRatings
 
         batch_size = min(batch_size, len(coords))
-        self.slotted = SlottedRatings(coords, batch_size, _permutation(len(coords), gen), n_users, dtype)
+        self.slotted = SlottedRatings(coords, batch_size, _permutation(len(coords), gen), shape, dtype)
         super().__init__(coords, len(coords), batch_size, gen, torch.device("cpu"))
         self._order: list[int] = []
 

@@ -127,7 +127,8 @@ class TrainConfig:
     checkpoint_every: int = Field(0, ge=0, description="write <out>/checkpoint.safetensors every N steps, 0: never")
     clip_predictions: bool = Field(True, description="clip evaluated predictions to the rating scale")
     refit: bool = Field(True, description="after early stopping, retrain on train + validation for the best "
-                                          "step count")
+                                          "step count (from 3M training ratings, on the automatic mini-batch "
+                                          "path: all but 100k validation ratings join the one run instead)")
     tune: bool = Field(True, description="with reg unset: choose it on the validation part from a small geometric "
                                          "grid of early-stopped runs (train.reg_search)")
     tune_max_ratings: int = Field(

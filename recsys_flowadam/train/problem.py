@@ -25,7 +25,7 @@ from recsys_flowadam.models import (
 )
 from recsys_flowadam.models.kinds import TIME_MODELS
 from recsys_flowadam.models.prediction import seen_in_training
-from recsys_flowadam.models.path_choice import auto_minibatch
+from recsys_flowadam.models.path_choice import auto_minibatch, small_minibatch, takes_auto_minibatch
 from recsys_flowadam.models.time_axis import DEFAULT_TIME_BINS
 from recsys_flowadam.models.timeaware import fit_axis, time_coords, time_penalty_weights, torch_axis
 from recsys_flowadam.models.implicit import ImplicitFeedback
@@ -174,8 +174,10 @@ def choose_run_path(config: TrainConfig, spec: ModelSpec, coords: Coords, larges
     if config.optimizer.lower() == "lazy-adam":  # its fused step works on mini-batches only
         if config.representation not in ("auto", "minibatch"):
             raise ValueError(f"optimizer lazy-adam steps on mini-batches, not on representation "
-                             f"{config.representation!r}: drop --representation or give --batch-size")
-        return auto_minibatch(largest_shard, device, "lazy-adam steps on mini-batches")
+                             f"{config.representation!r}: drop --representation")
+        if takes_auto_minibatch(largest_shard, config.optimizer):
+            return auto_minibatch(largest_shard, device, "lazy-adam steps on mini-batches")
+        return small_minibatch(largest_shard, "lazy-adam steps on mini-batches")
     if config.representation != "auto":
         return PathChoice(config.representation, None, "--representation given")
     budget = None if config.memory_budget_gb is None else int(config.memory_budget_gb * (1 << 30))

@@ -424,13 +424,14 @@ def train_model(
         raise ValueError("keep_lowest_objective does not survive a checkpoint (its snapshots are not saved): "
                          "use it without checkpoint_every and resume")
     dctx = distributed if distributed is not None else current_distributed()
-    device = resolve_device(config.device)
+    lazy = config.optimizer.lower() == LAZY_ADAM
+    # lazy-adam's fused step is a CPU kernel: "auto" means the CPU for it, even where CUDA is
+    device = torch.device("cpu") if lazy and config.device == "auto" else resolve_device(config.device)
     device = device if dctx is None else dctx.device(device)
     problem = build_problem(train, config, device)
     data = place_training_data(problem.coords, problem.objective, dctx, config.seed, device)
     choice = (PathChoice(**path_choice) if path_choice is not None
               else choose_run_path(config, problem.spec, problem.coords, data.largest, device))
-    lazy = config.optimizer.lower() == LAZY_ADAM
     path = None if lazy else make_path(choice.representation, problem.spec, data.coords, data.path_objective)
     params = init_params(problem.spec, init_std=config.init_std, generator=torch.Generator().manual_seed(config.seed),
                          device=device, dtype=problem.dtype)
@@ -443,7 +444,7 @@ def train_model(
     if lazy:  # the ratings laid out in batches once (models.row_sparse)
         source: BatchSource = SlottedMiniBatches(data.coords, choice.batch_size or len(data.coords),
                                                  torch.Generator().manual_seed(config.seed + 1),
-                                                 problem.spec.n_users, problem.dtype)
+                                                 (problem.spec.n_users, problem.spec.n_items), problem.dtype)
     else:
         source = make_batch_source(data, choice.representation == "minibatch", choice.batch_size, config.seed, device)
     limit = step_limit(config, source.n_batches, choice.max_steps)
