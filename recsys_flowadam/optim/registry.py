@@ -15,7 +15,11 @@ from typing import Any, Callable, Iterable, Mapping
 
 import torch
 
-__all__ = ["OPTIMIZERS", "OptimizerEntry", "make_optimizer", "optimizer_names", "count_closure", "CountingClosure"]
+__all__ = ["LAZY_ADAM", "OPTIMIZERS", "OptimizerEntry", "make_optimizer", "optimizer_names", "count_closure",
+           "CountingClosure"]
+
+
+LAZY_ADAM = "lazy-adam"  # the optimizer fused with its mini-batch step (optim.lazy_adam): the trainer asks for it
 
 
 def _flowadam() -> type:
@@ -74,7 +78,7 @@ OPTIMIZERS: Mapping[str, OptimizerEntry] = MappingProxyType(
         ),
         "adam": OptimizerEntry(lambda: torch.optim.Adam, {}, "torch.optim.Adam"),
         "adamw": OptimizerEntry(lambda: torch.optim.AdamW, {}, "torch.optim.AdamW"),
-        "lazy-adam": OptimizerEntry(_lazy_adam, {}, "Adam on the rows a mini-batch touches, fused with its gradient "
+        LAZY_ADAM: OptimizerEntry(_lazy_adam, {}, "Adam on the rows a mini-batch touches, fused with its gradient "
                                                     "(CPU, mf/biased-mf; optim.lazy_adam)"),
         "sgd": OptimizerEntry(lambda: torch.optim.SGD, {"momentum": 0.9}, "torch.optim.SGD, momentum 0.9"),
         "lbfgs": OptimizerEntry(lambda: torch.optim.LBFGS, {}, "torch.optim.LBFGS"),

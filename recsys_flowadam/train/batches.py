@@ -317,9 +317,13 @@ class SlottedMiniBatches(_MiniBatches):
 
 
 def make_batch_source(data: DataPlacement, minibatch: bool, batch_size: int | None, seed: int,
-                      device: torch.device) -> BatchSource:
-    """Full batch, or mini-batches of ``batch_size`` (global) ratings shuffled by generator ``seed + 1``."""
+                      device: torch.device, layout: tuple[tuple[int, int], torch.dtype] | None = None) -> BatchSource:
+    """Full batch, or mini-batches of ``batch_size`` (global) ratings shuffled by generator ``seed + 1``;
+    ``layout`` (the model's (users, items) and the parameters' dtype): lazy-adam's laid-out batches
+    (:class:`SlottedMiniBatches`, all the data in this process)."""
     gen = torch.Generator().manual_seed(seed + 1)
+    if layout is not None:
+        return SlottedMiniBatches(data.coords, batch_size or data.n_global, gen, *layout)
     if not minibatch:
         return FullBatch(data.full_share, gen.get_state())
     return data.mini_batches(batch_size or data.n_global, gen, device)

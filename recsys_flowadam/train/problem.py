@@ -26,6 +26,7 @@ from recsys_flowadam.models import (
 from recsys_flowadam.models.kinds import TIME_MODELS
 from recsys_flowadam.models.prediction import seen_in_training
 from recsys_flowadam.models.path_choice import auto_minibatch, small_minibatch, takes_auto_minibatch
+from recsys_flowadam.optim.registry import LAZY_ADAM
 from recsys_flowadam.models.time_axis import DEFAULT_TIME_BINS
 from recsys_flowadam.models.timeaware import fit_axis, time_coords, time_penalty_weights, torch_axis
 from recsys_flowadam.models.implicit import ImplicitFeedback
@@ -171,7 +172,7 @@ def choose_run_path(config: TrainConfig, spec: ModelSpec, coords: Coords, larges
             raise ValueError(f"batch_size given with representation {config.representation!r}: mini-batch "
                              "training uses gathered embeddings; drop one of the two")
         return PathChoice("minibatch", config.batch_size, "--batch-size given")
-    if config.optimizer.lower() == "lazy-adam":  # its fused step works on mini-batches only
+    if config.optimizer.lower() == LAZY_ADAM:  # its fused step works on mini-batches only
         if config.representation not in ("auto", "minibatch"):
             raise ValueError(f"optimizer lazy-adam steps on mini-batches, not on representation "
                              f"{config.representation!r}: drop --representation")

@@ -53,10 +53,10 @@ from recsys_flowadam.models import ModelSpec, Objective, PathChoice, init_params
 from recsys_flowadam.models.minibatch import retained_heap
 from recsys_flowadam.train.checkpoint import CheckpointError
 from recsys_flowadam.models.row_sparse import LazyAdamStep
+from recsys_flowadam.optim.registry import LAZY_ADAM
 from recsys_flowadam.train.batches import (
     BatchSource,
     GradientClosure,
-    SlottedMiniBatches,
     make_batch_source,
     step_limit,
     place_training_data,
@@ -313,9 +313,6 @@ def _resume(checkpointer: Checkpointer, params: dict[str, torch.Tensor], opt: to
     return snap.loop
 
 
-LAZY_ADAM = "lazy-adam"  # the optimizer fused with its mini-batch step (models.row_sparse)
-
-
 def _check_lazy(params: dict[str, torch.Tensor], objective: Objective, device: torch.device,
                 dctx: DistContext | None) -> None:
     """Refuse lazy-adam where its fused step cannot run, saying why."""
@@ -441,12 +438,9 @@ def train_model(
     evaluator = Evaluator(problem.predictor(params), params, problem.coords_of(val), config,
                           evaluates=data.is_main, agree=stop_agreement(dctx, device), every=choice.eval_every,
                           sample=choice.eval_sample)
-    if lazy:  # the ratings laid out in batches once (models.row_sparse)
-        source: BatchSource = SlottedMiniBatches(data.coords, choice.batch_size or len(data.coords),
-                                                 torch.Generator().manual_seed(config.seed + 1),
-                                                 (problem.spec.n_users, problem.spec.n_items), problem.dtype)
-    else:
-        source = make_batch_source(data, choice.representation == "minibatch", choice.batch_size, config.seed, device)
+    layout = ((problem.spec.n_users, problem.spec.n_items), problem.dtype) if lazy else None  # laid out once
+    source = make_batch_source(data, choice.representation == "minibatch", choice.batch_size, config.seed, device,
+                               layout)
     limit = step_limit(config, source.n_batches, choice.max_steps)
     lr_decay = None if choice.lr_half_life_steps is None else LrDecay(
         opt, choice.lr_half_life_steps, choice.lr_scale, choice.lr_hold_steps)
