@@ -59,17 +59,15 @@ def warm_only(held_out, fit_part):
     return held_out[warm.to_numpy()]
 
 
-def as_main_run_fits(fit_part, val_part, seed: int, optimizer: str):
-    """The ratings the main run trains on: ``fit_part`` plus, where ``train`` folds most of a large
-    validation part into its one run (``pipeline.fold_validation``), the same rows of ``val_part``,
-    in the same order; so the trace run follows the main run's trajectory."""
-    from recsys_flowadam.models.path_choice import EVAL_SAMPLE, takes_auto_minibatch
-    from recsys_flowadam.train.pipeline import fold_rows
+def as_main_run_fits(fit_part, val_part, settings: dict):
+    """The ratings the main run (``settings``) trains on: ``fit_part`` plus, where ``train`` folds most
+    of a large validation part into its one run (``pipeline.fold_validation``), the same rows of
+    ``val_part``, in the same order; so the trace run follows the main run's trajectory."""
+    from recsys_flowadam.train.config import training_config
+    from recsys_flowadam.train.pipeline import validation_fold
 
-    if len(val_part) <= EVAL_SAMPLE or not takes_auto_minibatch(len(fit_part), optimizer):
-        return fit_part
-    _, joined = fold_rows(len(val_part), EVAL_SAMPLE, seed)
-    return pd.concat([fit_part, val_part.iloc[joined]], ignore_index=True)
+    rows = validation_fold(len(fit_part), len(val_part), training_config(settings))
+    return fit_part if rows is None else pd.concat([fit_part, val_part.iloc[rows[1]]], ignore_index=True)
 
 
 def given(pairs: list[str]) -> dict:
@@ -125,8 +123,7 @@ def main() -> None:
     if args.trace:  # score the whole test file at every evaluation, not train's fixed sample of it
         from recsys_flowadam.models import path_choice
 
-        fit_part = as_main_run_fits(fit_part, warm_only(val_part, fit_part), args.seed,
-                                    settings.get("optimizer", "flowadam"))
+        fit_part = as_main_run_fits(fit_part, warm_only(val_part, fit_part), settings)
         path_choice.EVAL_SAMPLE = 1 << 62  # (and so nothing of the test file is folded into training)
     # the trace needs the first run's trajectory only: no refit (on the test file) after it
     rec = Recommender(**settings, **({"refit": False} if args.trace else {}))

@@ -134,11 +134,18 @@ class Fit:
     reg_search: dict[str, Any] | None = None
 
 
-def fold_rows(n_val: int, keep: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+def validation_fold(n_train: int, n_val: int, config: TrainConfig, *,
+                    distributed: bool = False) -> tuple[np.ndarray, np.ndarray] | None:
     """``(held, joined)``: which of ``n_val`` validation rows :func:`fold_validation` keeps held out
-    (``keep`` of them, seeded) and which it trains on, each in row order."""
-    order = np.random.default_rng([seed, n_val]).permutation(n_val)
-    return np.sort(order[:keep]), np.sort(order[keep:])
+    (a seeded ``EVAL_SAMPLE`` of them) and which it trains on, each in row order; None where it
+    folds nothing (its docstring says when)."""
+    from recsys_flowadam.models.path_choice import EVAL_SAMPLE, takes_auto_minibatch
+
+    if (distributed or not config.refit or n_val <= EVAL_SAMPLE or config.batch_size is not None
+            or config.representation != "auto" or not takes_auto_minibatch(n_train, config.optimizer)):
+        return None
+    order = np.random.default_rng([config.seed, n_val]).permutation(n_val)
+    return np.sort(order[:EVAL_SAMPLE]), np.sort(order[EVAL_SAMPLE:])
 
 
 def fold_validation(train: Ratings, val: Ratings | None, config: TrainConfig, *,
@@ -156,12 +163,12 @@ def fold_validation(train: Ratings, val: Ratings | None, config: TrainConfig, *,
     (1% at 10M) in half the time. The reported validation metrics are the held-out sample's, which
     the model never saw. Distributed runs, explicit paths and ``refit=False`` keep the two-run rule.
     """
-    from recsys_flowadam.models.path_choice import EVAL_SAMPLE, takes_auto_minibatch
+    from recsys_flowadam.models.path_choice import EVAL_SAMPLE
 
-    if (distributed or not config.refit or val is None or len(val) <= EVAL_SAMPLE or config.batch_size is not None
-            or config.representation != "auto" or not takes_auto_minibatch(len(train), config.optimizer)):
+    rows = None if val is None else validation_fold(len(train), len(val), config, distributed=distributed)
+    if rows is None:
         return train, val, None
-    held, joined = fold_rows(len(val), EVAL_SAMPLE, config.seed)
+    held, joined = rows
     folded = {"n_val_held_out": len(held), "n_val_trained_on": len(joined),
               "why": f"{len(train):,} training ratings take the automatic mini-batch path, which validates on "
                      f"{EVAL_SAMPLE:,} ratings: the other {len(joined):,} validation ratings are trained on in "
