@@ -289,7 +289,7 @@ def replace_cfg(cfg: TrainConfig, **changes) -> TrainConfig:
     return TrainConfig(**{**cfg.to_dict(), **changes})
 
 
-@pytest.mark.parametrize("optimizer,batch", [("flowadam", None), ("adam", 300)])
+@pytest.mark.parametrize("optimizer,batch", [("flowadam", None), ("adam", 300), ("lazy-adam", 300)])
 def test_resume_from_checkpoint_equals_uninterrupted_run(data, tmp_path, optimizer, batch):
     train, val, _ = data
     cfg = TrainConfig(model="biased-mf", rank=3, reg=1e-4, lr=0.02, optimizer=optimizer, steps=60,
