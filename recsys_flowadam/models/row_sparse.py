@@ -121,7 +121,7 @@ class LazyAdamStep:
         self._moments = [_np(m) if m is not None else empty for pair in moments for m in pair]
         self._gV = np.zeros_like(_np(params["item_factors"]))
         self._gbi = np.zeros(spec_items, dtype=_np(U).dtype)
-        self._marks = np.zeros(spec_items, dtype=np.int8)
+        self._marks = np.zeros(spec_items, dtype=np.int32)
         self._touched = np.empty(spec_items, dtype=np.int64)
 
     def __call__(self) -> float:

@@ -85,7 +85,9 @@ def lazy_adam_batch(users, items, values, lo, hi, U, V, bu, bi, mU, vU, mV, vV, 
     torch.optim.SparseAdam). A user's row is updated as soon as its ratings have passed (only its
     own ratings read it); the items', gathered in ``gV``/``gbi`` (zero on entry and on return),
     after the batch. ``bu`` empty: no biases (``gbi`` is then scratch). ``marks`` (n_items, zero
-    on entry and on return) and ``touched`` (n_items): which items the batch touched."""
+    on entry and on return) counts each item's ratings in the batch, and ``touched`` (n_items)
+    lists the items it touched; the items' L2 terms are added once per touched item, weighted by
+    that count, after the walk, which keeps the walk's inner loop to the data term."""
     m = hi - lo
     if m <= 0:
         return 0.0
@@ -127,37 +129,43 @@ def lazy_adam_batch(users, items, values, lo, hi, U, V, bu, bi, mU, vU, mV, vV, 
             i = items[t]
             if i < 0 or i >= n_items:
                 raise IndexError("a rating's item index lies outside the factor tables")
-            ci = c_item[i] if weighted else 1.0
             if marks[i] == 0:
-                marks[i] = 1
                 touched[n_touched] = i
                 n_touched += 1
+            marks[i] += 1
             pred = offset + b
             if has_bias:
                 pred += bi[i]
-            sq_i = 0.0
             for f in range(rank):
                 pred += u_row[f] * V[i, f]
-                sq_i += float(V[i, f]) * float(V[i, f])
-            penalty += lam * ci * sq_i
             rho, g = loss_terms(pred - values[t], huber, delta, scale)
             total += rho
-            lam_i = like(2.0 * lam * ci / m)
             for f in range(rank):
                 g_row[f] += g * V[i, f]
-                gV[i, f] += g * u_row[f] + lam_i * V[i, f]
+                gV[i, f] += g * u_row[f]
             if has_bias:
                 g_b[0] += g
-                gbi[i] += g + like(2.0 * lam_bias * ci / m) * bi[i]
-                penalty += lam_bias * ci * float(bi[i]) * float(bi[i])
+                gbi[i] += g
         _adam_row(U[a], mU[a], vU[a], g_row, rank, beta1, beta2, step_size, rc2, eps)
         if has_bias:
             _adam_row(bu[a:a + 1], mbu[a:a + 1], vbu[a:a + 1], g_b, 1, beta1, beta2, step_size, rc2, eps)
         j = e
     for t in range(n_touched):
         i = touched[t]
+        # the items' L2 terms, once per touched item: its ratings in the batch times its share
+        weight = (c_item[i] if weighted else 1.0) * marks[i]
+        lam_i = like(2.0 * lam * weight / m)
+        sq_i = 0.0
+        for f in range(rank):
+            q = V[i, f]
+            sq_i += float(q) * float(q)
+            gV[i, f] += lam_i * q
+        penalty += lam * weight * sq_i
         _adam_row(V[i], mV[i], vV[i], gV[i], rank, beta1, beta2, step_size, rc2, eps)
         if has_bias:
+            q = bi[i]
+            penalty += lam_bias * weight * float(q) * float(q)
+            gbi[i] += like(2.0 * lam_bias * weight / m) * q
             _adam_row(bi[i:i + 1], mbi[i:i + 1], vbi[i:i + 1], gbi[i:i + 1], 1, beta1, beta2, step_size, rc2, eps)
         for f in range(rank):
             gV[i, f] = zero
