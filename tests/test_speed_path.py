@@ -3,6 +3,7 @@ fused optimizer and single thread it runs with, and the mini-batch step's buffer
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import numpy as np
@@ -33,6 +34,60 @@ def test_auto_minibatch_schedule_is_in_passes_over_the_data(n):
     assert choice.lr_scale == path_choice.AUTO_LR_SCALE
     assert choice.reason.startswith("why: mini-batches of") and "one torch thread" in choice.reason
     assert "one torch thread" not in path_choice.auto_minibatch(n, torch.device("cuda"), "why").reason
+
+
+def test_auto_minibatch_starts_small_with_eps_in_units_of_a_rating_gradient():
+    choice = path_choice.auto_minibatch(10_000_000, CPU, "why", rating_std=1.0)
+    assert choice.init_std == path_choice.AUTO_INIT_STD == 0.01
+    unit = 2.0 * 1.0 * path_choice.AUTO_INIT_STD / choice.batch_size  # one rating's gradient at the start
+    assert choice.eps == pytest.approx(path_choice.AUTO_EPS_UNITS * unit, rel=1e-3)
+    # ratings twice as spread: eps twice as large; batches twice as large: half
+    assert path_choice.auto_minibatch(10_000_000, CPU, "why", rating_std=2.0).eps == pytest.approx(2 * choice.eps,
+                                                                                                   rel=1e-3)
+    assert path_choice.auto_eps(2 * choice.batch_size, 1.0) == pytest.approx(path_choice.auto_eps(
+        choice.batch_size, 1.0) / 2)
+    assert f"eps is {choice.eps:.3g}" in choice.reason and "start at std 0.01" in choice.reason
+    spec = ModelSpec("biased-mf", 943, 1682, 20)
+    small = path_choice.choose_path(spec, 80_000, CPU)  # full batch: the paper's start, the optimizer's eps
+    assert (small.init_std, small.eps) == (path_choice.DEFAULT_INIT_STD, None)
+
+
+@pytest.mark.parametrize("optimizer", ["adam", "adamw", "flowadam", "lazy-adam"])
+def test_the_paths_eps_reaches_the_adam_family_unless_given(optimizer):
+    choice = PathChoice("minibatch", 100, "why", eps=2.5e-6)
+    assert optimizer_kwargs(TrainConfig(optimizer=optimizer), choice, CPU)["eps"] == 2.5e-6
+    given = TrainConfig(optimizer=optimizer, optimizer_kwargs={"eps": 1e-8})
+    assert optimizer_kwargs(given, choice, CPU)["eps"] == 1e-8
+    assert "eps" not in optimizer_kwargs(TrainConfig(optimizer=optimizer), PathChoice("dense", None, "why"), CPU)
+    assert "eps" not in optimizer_kwargs(TrainConfig(optimizer="sgd"), choice, CPU)  # SGD has no eps
+
+
+def test_the_automatic_path_trains_from_its_start_unless_one_is_given(monkeypatch):
+    from recsys_flowadam.models import factorization
+
+    seen = []
+    original = factorization.init_params
+
+    def spy(spec, *, init_std, **kw):
+        seen.append(init_std)
+        return original(spec, init_std=init_std, **kw)
+
+    monkeypatch.setattr("recsys_flowadam.train.trainer.init_params", spy)
+    monkeypatch.setattr(path_choice, "MINIBATCH_MIN_RATINGS", 1_000)
+    monkeypatch.setattr(path_choice, "MIN_AUTO_BATCH", 100)
+    rng = np.random.default_rng(0)
+    cells = rng.permutation(60 * 50)[:2_000]  # distinct (user, item) pairs
+    train = Ratings(name="t", users=cells // 50, items=cells % 50, values=rng.uniform(1, 5, len(cells)).astype(
+        np.float32), user_ids=np.arange(60).astype(str).astype(object),
+        item_ids=np.arange(50).astype(str).astype(object), scale=RatingScale(1.0, 5.0))
+    cfg = TrainConfig(model="biased-mf", rank=4, optimizer="adam", epochs=1, reg=0.01)
+    result = train_model(train, None, cfg)
+    assert seen == [path_choice.AUTO_INIT_STD]
+    assert result.path_choice["init_std"] == path_choice.AUTO_INIT_STD
+    assert result.path_choice["eps"] == pytest.approx(path_choice.auto_eps(result.path_choice["batch_size"],
+                                                                           float(np.std(train.values))), rel=1e-2)
+    train_model(train, None, dataclasses.replace(cfg, init_std=0.2))
+    assert seen[-1] == 0.2
 
 
 def test_full_batch_choices_keep_the_default_cadence_and_rate():

@@ -324,6 +324,7 @@ def _check_lazy(params: dict[str, torch.Tensor], objective: Objective, device: t
 
 
 FUSED_BY_DEFAULT = ("adam", "adamw")  # torch optimizers whose fused kernel the mini-batch path turns on
+EPS_OPTIMIZERS = ("adam", "adamw", "flowadam", LAZY_ADAM)  # whose eps is Adam's (added to sqrt(v)): a path's eps
 
 
 def optimizer_kwargs(config: TrainConfig, choice: PathChoice, device: torch.device) -> dict[str, Any]:
@@ -332,8 +333,12 @@ def optimizer_kwargs(config: TrainConfig, choice: PathChoice, device: torch.devi
     ``foreach`` is given. There the update is a large share of a step (on the CPU about 1.3 ms
     fused against 9.6 ms for torch's default per-tensor loop, 100k x rank 20: a 72k x 20 model),
     and the fused kernel computes the same update to float rounding. Full-batch runs keep torch's
-    default, so their numbers stay exactly as they were (FlowAdam picks its fused kernel itself)."""
+    default, so their numbers stay exactly as they were (FlowAdam picks its fused kernel itself).
+    The path's ``eps`` (the automatic mini-batch path's, ``models.path_choice.auto_eps``) goes to
+    the Adam family unless the options give one."""
     kwargs = dict(config.optimizer_kwargs)
+    if choice.eps is not None and config.optimizer.lower() in EPS_OPTIMIZERS and "eps" not in kwargs:
+        kwargs["eps"] = choice.eps
     if (choice.representation == "minibatch" and config.optimizer.lower() in FUSED_BY_DEFAULT
             and not {"fused", "foreach"} & kwargs.keys()):
         from torch.utils._foreach_utils import _get_fused_kernels_supported_devices
@@ -430,7 +435,8 @@ def train_model(
     choice = (PathChoice(**path_choice) if path_choice is not None
               else choose_run_path(config, problem.spec, problem.coords, data.largest, device))
     path = None if lazy else make_path(choice.representation, problem.spec, data.coords, data.path_objective)
-    params = init_params(problem.spec, init_std=config.init_std, generator=torch.Generator().manual_seed(config.seed),
+    init_std = choice.init_std if config.init_std is None else config.init_std
+    params = init_params(problem.spec, init_std=init_std, generator=torch.Generator().manual_seed(config.seed),
                          device=device, dtype=problem.dtype)
     opt = build_optimizer(config.optimizer, params.values(), config.lr, **optimizer_kwargs(config, choice, device))
     if lazy:
