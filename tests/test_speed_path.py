@@ -90,6 +90,41 @@ def test_the_automatic_path_trains_from_its_start_unless_one_is_given(monkeypatc
     assert seen[-1] == 0.2
 
 
+def test_cpu_minibatches_of_mf_are_laid_out_once():
+    from recsys_flowadam.train.trainer import lays_out_batches
+
+    coords = _coords(600)
+    mini = PathChoice("minibatch", 100, "why")
+    assert lays_out_batches(ModelSpec("biased-mf", 50, 30, 4), coords, mini, CPU, None)
+    assert lays_out_batches(ModelSpec("mf", 50, 30, 4), coords, mini, CPU, None)
+    assert not lays_out_batches(ModelSpec("biased-mf", 50, 30, 4), coords, PathChoice("dense", None, "why"), CPU,
+                                None)
+    assert not lays_out_batches(ModelSpec("biased-mf", 50, 30, 4), coords, mini, torch.device("cuda"), None)
+    assert not lays_out_batches(ModelSpec("biased-mf", 50, 30, 4), coords, mini, CPU, object())  # distributed
+    assert not lays_out_batches(ModelSpec("time-mf", 50, 30, 4, n_contexts=3), coords, mini, CPU, None)
+
+
+def test_laid_out_batches_keep_their_members_and_come_user_by_user():
+    from recsys_flowadam.train.batches import SlottedMiniBatches
+    from recsys_flowadam.train.loop_state import LoopState
+
+    coords = _coords(650)
+    source = SlottedMiniBatches(coords, 100, torch.Generator().manual_seed(3), (50, 30), torch.float32, as_coords=True)
+    state = LoopState()
+    epochs = [[source.next(state) for _ in range(source.n_batches)] for _ in range(3)]
+    assert source.n_batches == 7 and state.epoch == 3
+    def triples(c):
+        return sorted(zip(c.users.tolist(), c.items.tolist(), c.values.tolist()))
+
+    for batches in epochs:  # every rating once a pass, with its own value
+        assert sorted(t for b in batches for t in triples(b.coords)) == triples(coords)
+        for b in batches:
+            assert torch.equal(b.coords.users, torch.sort(b.coords.users, stable=True).values)
+    members = [{b.index: tuple(b.coords.items.tolist()) for b in batches} for batches in epochs]
+    assert members[0] == members[1] == members[2]  # the same batches every pass ...
+    assert len({tuple(b.index for b in batches) for batches in epochs}) > 1  # ... in a new order
+
+
 def test_full_batch_choices_keep_the_default_cadence_and_rate():
     spec = ModelSpec("biased-mf", 943, 1682, 20)
     choice = path_choice.choose_path(spec, 80_000, CPU)

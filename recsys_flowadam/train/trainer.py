@@ -49,7 +49,7 @@ from typing import Any, Callable, Iterator, Mapping
 import torch
 
 from recsys_flowadam.data.ratings import Ratings
-from recsys_flowadam.models import ModelSpec, Objective, PathChoice, init_params, make_path
+from recsys_flowadam.models import Coords, ModelSpec, Objective, PathChoice, init_params, make_path
 from recsys_flowadam.models.minibatch import retained_heap
 from recsys_flowadam.train.checkpoint import CheckpointError
 from recsys_flowadam.models.row_sparse import LazyAdamStep
@@ -348,6 +348,17 @@ def optimizer_kwargs(config: TrainConfig, choice: PathChoice, device: torch.devi
     return kwargs
 
 
+def lays_out_batches(spec: ModelSpec, coords: Coords, choice: PathChoice, device: torch.device,
+                     dctx: DistContext | None) -> bool:
+    """Whether the mini-batches are cut once and laid out user by user (``batches.SlottedMiniBatches``)
+    instead of drawn from a fresh permutation every epoch: on the CPU, in one process, for MF and
+    biased MF (whose batches are users, items and values only) when numba is there."""
+    from recsys_flowadam.models import fused_cpu
+
+    return (choice.representation == "minibatch" and device.type == "cpu" and dctx is None
+            and spec.model_type in ("mf", "biased-mf") and coords.contexts is None and fused_cpu.available())
+
+
 def loop_threads(device: torch.device, choice: PathChoice, load: float | None = None) -> int | None:
     """Torch CPU threads for the training loop (None: leave torch's count as it is).
 
@@ -444,9 +455,10 @@ def train_model(
     evaluator = Evaluator(problem.predictor(params), params, problem.coords_of(val), config,
                           evaluates=data.is_main, agree=stop_agreement(dctx, device), every=choice.eval_every,
                           sample=choice.eval_sample)
-    layout = ((problem.spec.n_users, problem.spec.n_items), problem.dtype) if lazy else None  # laid out once
+    laid_out = lazy or lays_out_batches(problem.spec, problem.coords, choice, device, dctx)
+    layout = ((problem.spec.n_users, problem.spec.n_items), problem.dtype) if laid_out else None  # laid out once
     source = make_batch_source(data, choice.representation == "minibatch", choice.batch_size, config.seed, device,
-                               layout)
+                               layout, as_coords=not lazy)
     limit = step_limit(config, source.n_batches, choice.max_steps)
     lr_decay = None if choice.lr_half_life_steps is None else LrDecay(
         opt, choice.lr_half_life_steps, choice.lr_scale, choice.lr_hold_steps)
