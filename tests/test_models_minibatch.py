@@ -228,15 +228,19 @@ def test_minibatch_path_matches_autograd_on_cuda(model, biases, loss, scatter):
 FUSED_CASES = [("mf", None, "mse"), ("mf", None, "huber"), ("biased-mf", None, "mse"), ("biased-mf", None, "huber")]
 
 
+@pytest.mark.parametrize("threads", [1, 2])
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
 @pytest.mark.parametrize("weighting", ["uniform", "frequency"])
 @pytest.mark.parametrize("model,biases,loss", FUSED_CASES)
-def test_fused_kernel_matches_autograd(model, biases, loss, weighting, dtype):
-    """The one-pass numba gradient (what the CPU mini-batch path runs for MF and biased MF)."""
+def test_fused_kernel_matches_autograd(model, biases, loss, weighting, dtype, threads, monkeypatch):
+    """The one-pass numba gradient (what the CPU mini-batch path runs for MF and biased MF), on one
+    thread and split between two (forced here on small batches)."""
     from recsys_flowadam.models import fused_cpu
 
     if not fused_cpu.available():
         pytest.skip("numba is not installed")
+    monkeypatch.setattr(fused_cpu, "KERNEL_THREADS", threads)
+    monkeypatch.setattr(fused_cpu, "PARALLEL_MIN_RATINGS", 0)
     spec, coords, params = _problem(model, biases)
     coords = Coords(coords.users, coords.items, coords.values.to(dtype))
     params = {k: p.to(dtype) for k, p in params.items()}
@@ -253,6 +257,38 @@ def test_fused_kernel_matches_autograd(model, biases, loss, weighting, dtype):
         for name in params:
             assert got_grads[name].dtype == dtype
             assert _rel(got_grads[name], ref_grads[name]) <= tol, name
+
+
+@pytest.mark.parametrize("by_user", [False, True])
+def test_fused_kernel_on_two_threads_gives_one_threads_sums(by_user, monkeypatch):
+    """Split at the batch's middle rating's user, the two halves write their own users' rows, each
+    rating's g and the same loss; the items' gradients differ by float rounding only. Batches in
+    any order (the split is then uneven) and laid out user by user (an even split)."""
+    from recsys_flowadam.models import fused_cpu
+
+    if not fused_cpu.available():
+        pytest.skip("numba is not installed")
+    spec, coords, params = _problem("biased-mf", None, n=600)
+    params = {k: p.double() for k, p in params.items()}
+    if by_user:
+        order = torch.argsort(coords.users, stable=True)
+        coords = Coords(coords.users[order], coords.items[order], coords.values[order])
+    coords = Coords(coords.users, coords.items, coords.values.double())
+    extra = torch.linspace(-0.3, 0.3, len(coords), dtype=torch.float64)
+    obj = Objective(reg=0.07, bias_reg=0.02, loss="huber", huber_delta=0.8, offset=0.37,
+                    weights=_frequency_weights(spec, coords))
+    monkeypatch.setattr(fused_cpu, "PARALLEL_MIN_RATINGS", 0)
+    got = {}
+    for threads in (1, 2):
+        monkeypatch.setattr(fused_cpu, "KERNEL_THREADS", threads)
+        got[threads] = fused_cpu.loss_and_grad(params, coords, obj, extra=extra, with_g=True)
+    (loss1, grads1, g1), (loss2, grads2, g2) = got[1], got[2]
+    assert float(loss2) == pytest.approx(float(loss1), rel=1e-13)
+    assert torch.equal(g1, g2)
+    assert torch.equal(grads1["user_factors"], grads2["user_factors"])
+    assert torch.equal(grads1["user_bias"], grads2["user_bias"])
+    for name in ("item_factors", "item_bias"):
+        assert _rel(grads2[name], grads1[name]) <= 1e-13, name
 
 
 def test_fused_kernel_keeps_a_nan_and_falls_back_without_numba(monkeypatch):

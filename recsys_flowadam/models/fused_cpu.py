@@ -5,7 +5,9 @@ Why not torch ops: on the CPU the gather / product / row-sum / scatter chain of
 intermediates several times and sorts the batch twice for its scatters; about 9 ms of a
 100k-rating step at rank 20 on one thread. The kernel (``models.fused_kernels.data_term``)
 walks the users in order (a counting sort, no comparison sort), touches each rating's rows once
-and adds into the gradients in place (one thread: no races). The users' L2 term rides along that
+and adds into the gradients in place. Batches of ``PARALLEL_MIN_RATINGS`` or more are split in
+two halves of the users, computed at once on two threads: each half writes only its own users'
+rows, and the second half's item gradients go to a buffer of their own (no races). The users' L2 term rides along that
 walk; the items' comes from one pass over their parameters, which also initialises those
 gradient buffers (no separate zero fill). Indices are checked inside the kernel.
 
@@ -16,6 +18,8 @@ whether numba imports; without it the torch path is used.
 
 from __future__ import annotations
 
+import os
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import numpy as np
@@ -25,6 +29,12 @@ from recsys_flowadam.models.coords import Coords
 from recsys_flowadam.models.factorization import Objective
 
 _KERNELS: dict[str, Any] | None = None
+_POOL: ThreadPoolExecutor | None = None
+# The kernel's threads: two where there are two cores (Cornac's SGD, for one, uses every core). A
+# half whose core is taken just runs after the other: the threads wait on a future, they do not
+# spin, unlike torch's CPU threads, which are why the mini-batch loop keeps torch on one thread.
+KERNEL_THREADS = min(2, os.cpu_count() or 1)
+PARALLEL_MIN_RATINGS = 20_000  # smaller batches stay on one thread: the hand-off would cost what half saves
 
 
 def available() -> bool:
@@ -96,11 +106,39 @@ def loss_and_grad(params: dict[str, torch.Tensor], batch: Coords, objective: Obj
     extra_np = empty if extra is None else _np(extra.to(params["user_factors"].dtype).contiguous())
     g = torch.empty(len(users), dtype=params["user_factors"].dtype) if with_g else None
     w_user = objective.row_weights("user_factors")  # the kernel weighs b_u's L2 term alike
-    data, user_penalty = k["data_term"](
-        users, items, values, U, V, bu, bi, like(objective.offset), objective.loss == "huber",
-        like(objective.huber_delta), like(2.0 / max(len(users), 1)), _np(grads["user_factors"]),
-        _np(grads["item_factors"]), dbu, dbi, extra_np, empty if g is None else _np(g),
-        np.empty(0, dtype=np.float64) if w_user is None else _np(w_user.to(torch.float64).contiguous()),
-        float(objective.reg), float(objective.bias_reg))
+    dV = _np(grads["item_factors"])
+
+    def users_in(lo: int, hi: int, dV_part: np.ndarray, dbi_part: np.ndarray) -> tuple[float, float]:
+        return k["data_term"](
+            users, items, values, U, V, bu, bi, like(objective.offset), objective.loss == "huber",
+            like(objective.huber_delta), like(2.0 / max(len(users), 1)), _np(grads["user_factors"]),
+            dV_part, dbu, dbi_part, extra_np, empty if g is None else _np(g),
+            np.empty(0, dtype=np.float64) if w_user is None else _np(w_user.to(torch.float64).contiguous()),
+            float(objective.reg), float(objective.bias_reg), lo, hi)
+
+    n_users = len(U)
+    if KERNEL_THREADS < 2 or len(users) < PARALLEL_MIN_RATINGS:
+        data, user_penalty = users_in(0, n_users, dV, dbi)
+    else:
+        # two halves of the users at once (the kernel releases the GIL): the batch's middle
+        # rating's user splits them (the ratings' median user when the batch comes user by user,
+        # as laid-out batches do); each half writes its own users' rows, the second half's item
+        # gradients go to a buffer of their own, added after
+        split = int(users[len(users) // 2])
+        dV_second, dbi_second = np.zeros_like(dV), np.zeros_like(dbi)
+        second = _pool().submit(users_in, split, n_users, dV_second, dbi_second)
+        data, user_penalty = users_in(0, split, dV, dbi)
+        data_second, penalty_second = second.result()
+        data, user_penalty = data + data_second, user_penalty + penalty_second
+        dV += dV_second
+        dbi += dbi_second
     loss = torch.tensor(data + user_penalty + total, dtype=params["user_factors"].dtype)
     return (loss, grads, g) if with_g else (loss, grads)
+
+
+def _pool() -> ThreadPoolExecutor:
+    """The one worker thread that computes the second half of a batch."""
+    global _POOL
+    if _POOL is None:
+        _POOL = ThreadPoolExecutor(max_workers=1, thread_name_prefix="fused-cpu")
+    return _POOL

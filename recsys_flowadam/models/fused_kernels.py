@@ -11,22 +11,26 @@ jit = numba.njit(cache=True, nogil=True, fastmath={"reassoc", "contract", "nsz",
 
 
 @jit
-def user_segments(users, n_users):
-    """``(start, order)``: the ratings' positions grouped by user (a counting sort, O(m + n_users));
-    user ``u``'s ratings are ``order[start[u]:start[u + 1]]``."""
+def user_segments(users, n_users, u_lo=0, u_hi=-1):
+    """``(start, order)``: the positions of the ratings of users ``u_lo <= u < u_hi`` (``u_hi`` -1:
+    all users) grouped by user (a counting sort, O(m + n_users)); user ``u``'s ratings are
+    ``order[start[u]:start[u + 1]]``. Every rating's user index is checked."""
+    hi = n_users if u_hi < 0 else u_hi
     start = np.zeros(n_users + 1, dtype=np.int64)
     for k in range(users.shape[0]):
         if users[k] < 0 or users[k] >= n_users:  # the kernels run without bounds checks
             raise IndexError("a rating's user index lies outside the factor tables")
-        start[users[k] + 1] += 1
+        if u_lo <= users[k] < hi:
+            start[users[k] + 1] += 1
     for u in range(n_users):
         start[u + 1] += start[u]
     fill = start[:-1].copy()
-    order = np.empty(users.shape[0], dtype=np.int64)
+    order = np.empty(start[n_users], dtype=np.int64)
     for k in range(users.shape[0]):
         u = users[k]
-        order[fill[u]] = k
-        fill[u] += 1
+        if u_lo <= u < hi:
+            order[fill[u]] = k
+            fill[u] += 1
     return start, order
 
 
@@ -41,11 +45,11 @@ def loss_terms(r, huber, delta, scale):
 
 @jit
 def data_term(users, items, values, U, V, bu, bi, offset, huber, delta, scale, dU, dV, dbu, dbi, extra, g_out,
-              w_user, lam, lam_bias):
-    """The batch's data term and the users' L2 term in one walk over the users; returns
-    ``(sum rho(r) / m, users' L2 value)``.
+              w_user, lam, lam_bias, u_lo, u_hi):
+    """The data term of the batch's ratings by users ``u_lo <= u < u_hi`` and those users' L2 term
+    in one walk over them; returns ``(sum rho(r) / m, their L2 value)`` (``m``: the whole batch).
 
-    Writes every row of ``dU`` (and ``dbu``): the L2 gradient ``2 lam w_u U_u`` (``w_user`` empty:
+    Writes those users' rows of ``dU`` (and ``dbu``): the L2 gradient ``2 lam w_u U_u`` (``w_user`` empty:
     uniform 1; ``lam_bias`` for ``b_u``) plus the data gradient. Adds into ``dV`` (and ``dbi``),
     which the caller initialises with the items' L2 gradient. ``extra`` (empty: none): a per-rating
     addition to the prediction (the time models' terms); ``g_out`` (empty: not wanted): receives
@@ -78,12 +82,12 @@ def data_term(users, items, values, U, V, bu, bi, offset, huber, delta, scale, d
     for k in range(m):
         if items[k] < 0 or items[k] >= n_items:
             raise IndexError("a rating's item index lies outside the factor tables")
-    start, order = user_segments(users, n_users)
+    start, order = user_segments(users, n_users, u_lo, u_hi)
     u_row = np.empty(rank, dtype=U.dtype)
     g_row = np.empty(rank, dtype=U.dtype)
     total = 0.0
     penalty = 0.0
-    for u in range(n_users):
+    for u in range(u_lo, u_hi):
         w = w_user[u] if weighted else 1.0
         c = U.dtype.type(lam * w)
         sq = 0.0
