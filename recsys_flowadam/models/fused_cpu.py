@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import os
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any
+from typing import Any, Callable, TypeVar
 
 import numpy as np
 import torch
@@ -28,6 +28,7 @@ import torch
 from recsys_flowadam.models.coords import Coords
 from recsys_flowadam.models.factorization import Objective
 
+T, U = TypeVar("T"), TypeVar("U")
 _KERNELS: dict[str, Any] | None = None
 _POOL: ThreadPoolExecutor | None = None
 # The kernel's threads: two where there are two cores (Cornac's SGD, for one, uses every core). A
@@ -126,9 +127,8 @@ def loss_and_grad(params: dict[str, torch.Tensor], batch: Coords, objective: Obj
         # gradients go to a buffer of their own, added after
         split = int(users[len(users) // 2])
         dV_second, dbi_second = np.zeros_like(dV), np.zeros_like(dbi)
-        second = _pool().submit(users_in, split, n_users, dV_second, dbi_second)
-        data, user_penalty = users_in(0, split, dV, dbi)
-        data_second, penalty_second = second.result()
+        (data, user_penalty), (data_second, penalty_second) = in_two(
+            lambda: users_in(0, split, dV, dbi), lambda: users_in(split, n_users, dV_second, dbi_second))
         data, user_penalty = data + data_second, user_penalty + penalty_second
         dV += dV_second
         dbi += dbi_second
@@ -136,9 +136,13 @@ def loss_and_grad(params: dict[str, torch.Tensor], batch: Coords, objective: Obj
     return (loss, grads, g) if with_g else (loss, grads)
 
 
-def _pool() -> ThreadPoolExecutor:
-    """The one worker thread that computes the second half of a batch."""
+def in_two(first: Callable[[], T], second: Callable[[], U]) -> tuple[T, U]:
+    """``(first(), second())``, the second on the worker thread while the first runs here when
+    ``KERNEL_THREADS`` allows (for compiled kernels that release the GIL), else one after the other."""
+    if KERNEL_THREADS < 2:
+        return first(), second()
     global _POOL
     if _POOL is None:
-        _POOL = ThreadPoolExecutor(max_workers=1, thread_name_prefix="fused-cpu")
-    return _POOL
+        _POOL = ThreadPoolExecutor(max_workers=1, thread_name_prefix="recsys-kernels")
+    later = _POOL.submit(second)
+    return first(), later.result()

@@ -26,6 +26,7 @@ import torch
 
 from recsys_flowadam.models.coords import Coords
 from recsys_flowadam.models.factorization import Objective
+from recsys_flowadam.models.fused_cpu import in_two
 
 _KERNELS: Any = None
 PARAM_NAMES = ("user_factors", "item_factors", "user_bias", "item_bias")
@@ -76,11 +77,18 @@ class SlottedRatings:
                  dtype: torch.dtype) -> None:
         k = _kernels()
         assert k is not None
-        self.users, self.items, self.values, self.starts = k.slotted_layout(
-            _np(coords.users), _np(coords.items), _np(coords.values.to(dtype)), _np(perm), int(batch_size),
-            int(shape[0]), int(shape[1]))
-        starts = self.starts
-        self.n_batches = len(starts) - 1
+        users, items, values, order = (_np(coords.users), _np(coords.items), _np(coords.values.to(dtype)), _np(perm))
+        n, batch_size = len(users), int(batch_size)
+        self.n_batches = -(-n // batch_size)
+        self.starts = np.minimum(np.arange(self.n_batches + 1, dtype=np.int64) * batch_size, n)
+        self.users, self.items, self.values = np.empty_like(users), np.empty_like(items), np.empty_like(values)
+
+        def batches(first: int, last: int) -> None:
+            k.lay_out_batches(users, items, values, order, batch_size, int(shape[0]), int(shape[1]), first, last,
+                              self.users, self.items, self.values)
+
+        half = self.n_batches // 2  # the two halves of the batches at once (the kernel releases the GIL)
+        in_two(lambda: batches(0, half), lambda: batches(half, self.n_batches))
 
     def batch_size(self, index: int) -> int:
         return int(self.starts[index + 1] - self.starts[index])

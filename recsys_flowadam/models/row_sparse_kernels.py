@@ -15,46 +15,46 @@ jit = numba.njit(cache=True, nogil=True, fastmath={"reassoc", "contract", "nsz",
 
 
 @jit
-def slotted_layout(users, items, values, perm, batch_size, n_users, n_items):
-    """``(users, items, values, starts)`` laid out batch by batch: rating ``perm[k]`` goes to batch
-    ``k // batch_size``, and inside a batch the ratings come user by user (two stable counting
-    sorts, O(n + n_users), the arrays written in their final order at once); batch ``b`` is
-    ``starts[b]:starts[b + 1]``."""
-    n = users.shape[0]
-    n_batches = (n + batch_size - 1) // batch_size
-    slot = np.empty(n, dtype=np.int32)
-    for k in range(n):
-        slot[perm[k]] = k // batch_size
-    by_user = np.zeros(n_users + 1, dtype=np.int64)
-    for k in range(n):
-        if users[k] < 0 or users[k] >= n_users:  # the kernels run without bounds checks
-            raise IndexError("a rating's user index lies outside the factor tables")
-        if items[k] < 0 or items[k] >= n_items:
-            raise IndexError("a rating's item index lies outside the factor tables")
-        by_user[users[k] + 1] += 1
-    for u in range(n_users):
-        by_user[u + 1] += by_user[u]
-    user_sorted = np.empty(n, dtype=np.int64)
-    for k in range(n):
-        user_sorted[by_user[users[k]]] = k
-        by_user[users[k]] += 1
-    starts = np.zeros(n_batches + 1, dtype=np.int64)
-    for k in range(n):
-        starts[slot[k] + 1] += 1
-    for b in range(n_batches):
-        starts[b + 1] += starts[b]
-    fill = starts[:-1].copy()
-    out_users = np.empty(n, dtype=users.dtype)
-    out_items = np.empty(n, dtype=items.dtype)
-    out_values = np.empty(n, dtype=values.dtype)
-    for t in range(n):
-        k = user_sorted[t]
-        p = fill[slot[k]]
-        fill[slot[k]] += 1
-        out_users[p] = users[k]
-        out_items[p] = items[k]
-        out_values[p] = values[k]
-    return out_users, out_items, out_values, starts
+def lay_out_batches(users, items, values, perm, batch_size, n_users, n_items, first, last, out_users, out_items,
+                    out_values):
+    """Batches ``first <= b < last`` of the layout: batch ``b`` holds the ratings ``perm[b * batch_size:
+    (b + 1) * batch_size]``, written to those positions of the ``out_*`` arrays user by user (a
+    counting sort per batch, stable in ``perm``'s order). Each batch's counts live in one array of
+    ``n_users`` (it stays in cache, where one sort of all the ratings by (batch, user) would walk
+    the whole data at random); calls on disjoint batch ranges write disjoint positions."""
+    n = perm.shape[0]
+    count = np.zeros(n_users, dtype=np.int64)
+    fill = np.empty(n_users, dtype=np.int64)
+    batch_users = np.empty(batch_size, dtype=users.dtype)  # the batch gathered once, in perm's order
+    batch_items = np.empty(batch_size, dtype=items.dtype)
+    batch_values = np.empty(batch_size, dtype=values.dtype)
+    for b in range(first, last):
+        lo = b * batch_size
+        hi = min(n, lo + batch_size)
+        for t in range(lo, hi):
+            k = perm[t]
+            u = users[k]
+            i = items[k]
+            if u < 0 or u >= n_users:  # the kernels run without bounds checks
+                raise IndexError("a rating's user index lies outside the factor tables")
+            if i < 0 or i >= n_items:
+                raise IndexError("a rating's item index lies outside the factor tables")
+            batch_users[t - lo] = u
+            batch_items[t - lo] = i
+            batch_values[t - lo] = values[k]
+            count[u] += 1
+        pos = lo
+        for u in range(n_users):
+            fill[u] = pos
+            pos += count[u]
+            count[u] = 0
+        for t in range(hi - lo):
+            u = batch_users[t]
+            p = fill[u]
+            fill[u] += 1
+            out_users[p] = u
+            out_items[p] = batch_items[t]
+            out_values[p] = batch_values[t]
 
 
 @jit
