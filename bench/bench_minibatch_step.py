@@ -13,6 +13,9 @@ by side in one run, for:
   (``train``'s default optimizer);
 * the torch CPU thread count: ``--threads 1,2`` runs every variant at each count (``train``
   runs the CPU mini-batch path on one thread);
+* the compiled kernel's threads: ``--kernel-threads 1,2`` (``models.fused_cpu.KERNEL_THREADS``; by
+  default 2 where there are two cores: the numba kernel splits a batch of 20k+ ratings into two
+  halves of the users, so its CPU time can exceed the wall time; lazy-adam's step is one thread);
 * ``--paths row-sparse``: lazy-adam's step, its gradient and its update of the touched rows in one
   compiled pass (``models.row_sparse``; the batches laid out user by user as ``train`` does);
 * the heap: glibc's default thresholds, then ``retained_heap()`` (``--heap default,retained``;
@@ -26,13 +29,14 @@ time tells the work, the wall time also the waiting; compare variants within one
     python bench/bench_minibatch_step.py [--users 62000 --items 10000 --batch 100000 --rank 20
         --model biased-mf --device cpu --repeats 60 --threads 1,2
         --paths minibatch,minibatch-index_add,autograd --optimizers adam,adam-foreach,adam-fused,flowadam
-        --heap default,retained]
+        --heap default,retained --kernel-threads 1,2]
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
+import itertools
 import os
 import resource
 import statistics
@@ -41,7 +45,7 @@ from typing import Callable
 
 import torch
 
-from recsys_flowadam.models import AutogradPath, Coords, ModelSpec, Objective, init_params
+from recsys_flowadam.models import AutogradPath, Coords, ModelSpec, Objective, fused_cpu, init_params
 from recsys_flowadam.models.minibatch import MiniBatchPath, retained_heap
 from recsys_flowadam.optim import make_optimizer
 
@@ -154,6 +158,8 @@ def main() -> None:
                          "update (CPU, mf/biased-mf; the optimizers list does not apply to it)")
     ap.add_argument("--optimizers", default=",".join(OPTIMIZERS), help=f"of {', '.join(OPTIMIZERS)}")
     ap.add_argument("--heap", default="default,retained", help="default, retained or both (in this order)")
+    ap.add_argument("--kernel-threads", default=str(fused_cpu.KERNEL_THREADS),
+                    help="comma-separated thread counts of the numba kernel (models.fused_cpu.KERNEL_THREADS)")
     args = ap.parse_args()
     device = torch.device(args.device)
     default_threads = torch.get_num_threads()
@@ -174,16 +180,19 @@ def main() -> None:
     heaps = [h for h in ("default", "retained") if h in args.heap.split(",")]  # retained lasts: it goes last
     for heap in heaps:
         with retained_heap() if heap == "retained" else contextlib.nullcontext():
-            for threads in [int(t) or default_threads for t in args.threads.split(",")]:
+            for threads, kernel in itertools.product([int(t) or default_threads for t in args.threads.split(",")],
+                                                     [int(k) for k in args.kernel_threads.split(",")]):
                 torch.set_num_threads(threads)
+                fused_cpu.KERNEL_THREADS = kernel
+                where = f"{heap} heap, {threads} thread{'s' if threads > 1 else ' '}, kernel {kernel}"
                 for name in args.paths.split(","):
                     if name == "row-sparse":  # lazy-adam: its own fused step, no other optimizer
-                        report(f"{heap} heap, {threads} thread{'s' if threads > 1 else ' '} {name:19s} + "
-                               f"{'lazy-adam':12s}", time_lazy_steps(spec, batches, objective, args.repeats))
+                        report(f"{where} {name:19s} + {'lazy-adam':12s}",
+                               time_lazy_steps(spec, batches, objective, args.repeats))
                         continue
                     path = builders[name]()
                     for label in args.optimizers.split(","):
-                        report(f"{heap} heap, {threads} thread{'s' if threads > 1 else ' '} {name:19s} + {label:12s}",
+                        report(f"{where} {name:19s} + {label:12s}",
                                time_steps(path, spec, batches, device, args.repeats, OPTIMIZERS[label]))
     print(f"load average after: {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
 
