@@ -4,6 +4,7 @@ choice of full batch or mini-batches."""
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 
@@ -289,6 +290,51 @@ def test_fused_kernel_on_two_threads_gives_one_threads_sums(by_user, monkeypatch
     assert torch.equal(grads1["user_bias"], grads2["user_bias"])
     for name in ("item_factors", "item_bias"):
         assert _rel(grads2[name], grads1[name]) <= 1e-13, name
+
+
+def test_kernel_thread_pool_works_in_a_forked_child(monkeypatch):
+    """A process forked after the pool ran has no worker thread: its next call makes a new pool
+    instead of waiting forever on the old one."""
+    import multiprocessing
+
+    from recsys_flowadam.models import fused_cpu
+
+    monkeypatch.setattr(fused_cpu, "KERNEL_THREADS", 2)
+    assert fused_cpu.in_two(lambda: 1, lambda: 2) == (1, 2)  # the pool and its worker exist now
+    ctx = multiprocessing.get_context("fork")
+    with ctx.Pool(1) as pool:
+        assert pool.apply_async(_halves_in_child).get(timeout=60) == (3, 4)
+
+
+def _halves_in_child() -> tuple[int, int]:
+    from recsys_flowadam.models import fused_cpu
+
+    fused_cpu.KERNEL_THREADS = 2
+    return fused_cpu.in_two(lambda: 3, lambda: 4)
+
+
+def test_kernel_threads_come_from_the_environment(monkeypatch):
+    from recsys_flowadam.models import fused_cpu
+
+    monkeypatch.setenv(fused_cpu.THREADS_VARIABLE, "1")
+    assert fused_cpu._default_threads() == 1
+    monkeypatch.setenv(fused_cpu.THREADS_VARIABLE, "3")
+    with pytest.raises(ValueError, match="RECSYS_FLOWADAM_KERNEL_THREADS must be 1 or 2"):
+        fused_cpu._default_threads()
+    monkeypatch.setattr(fused_cpu, "KERNEL_THREADS", 2)
+    with fused_cpu.kernel_threads(1):
+        assert fused_cpu.KERNEL_THREADS == 1
+    assert fused_cpu.KERNEL_THREADS == 2  # restored
+    with fused_cpu.kernel_threads(None):  # None: as it is
+        assert fused_cpu.KERNEL_THREADS == 2
+
+
+def test_median_user_halves_the_ratings_in_any_order():
+    from recsys_flowadam.models import fused_cpu
+
+    users = np.array([5, 0, 5, 2, 5, 2, 7, 0, 5, 1])  # sorted: 0 0 1 2 2 | 5 5 5 5 7
+    assert fused_cpu.median_user(users, 9) == 5 == int(np.sort(users)[len(users) // 2])
+    assert fused_cpu.median_user(np.sort(users), 9) == 5
 
 
 def test_fused_kernel_keeps_a_nan_and_falls_back_without_numba(monkeypatch):

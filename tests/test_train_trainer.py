@@ -291,8 +291,14 @@ def replace_cfg(cfg: TrainConfig, **changes) -> TrainConfig:
     return TrainConfig(**{**cfg.to_dict(), **changes})
 
 
-@pytest.mark.parametrize("optimizer,batch", [("flowadam", None), ("adam", 300), ("lazy-adam", 300)])
-def test_resume_from_checkpoint_equals_uninterrupted_run(data, tmp_path, optimizer, batch):
+@pytest.mark.parametrize("optimizer,batch,halves", [("flowadam", None, False), ("adam", 300, False),
+                                                    ("adam", 300, True), ("lazy-adam", 300, False)])
+def test_resume_from_checkpoint_equals_uninterrupted_run(data, tmp_path, monkeypatch, optimizer, batch, halves):
+    from recsys_flowadam.models import fused_cpu
+
+    if halves:  # the CPU kernel's two halves of every batch, on two threads
+        monkeypatch.setattr(fused_cpu, "PARALLEL_MIN_RATINGS", 0)
+        monkeypatch.setattr(fused_cpu, "KERNEL_THREADS", 2)
     train, val, _ = data
     cfg = TrainConfig(model="biased-mf", rank=3, reg=1e-4, lr=0.02, optimizer=optimizer, steps=60,
                       batch_size=batch, eval_every=7, patience=0, checkpoint_every=25)
@@ -316,6 +322,22 @@ def test_resume_from_checkpoint_equals_uninterrupted_run(data, tmp_path, optimiz
     strip = lambda hist: [{k: v for k, v in h.items() if k != "seconds"} for h in hist]  # noqa: E731
     assert strip(resumed.history) == strip(full.history)
     assert resumed.diagnostics == full.diagnostics
+
+
+def test_resume_refuses_batches_drawn_another_way(data, tmp_path, monkeypatch):
+    """A mini-batch run checkpointed where batches are reshuffled every epoch (e.g. on CUDA) is not
+    resumed where they are laid out once (the CPU): the same steps would see other ratings."""
+    from recsys_flowadam.train import trainer
+
+    train, val, _ = data
+    cfg = TrainConfig(model="biased-mf", rank=3, optimizer="adam", steps=10, batch_size=300, checkpoint_every=5,
+                      patience=0)
+    ckpt = tmp_path / "c.safetensors"
+    monkeypatch.setattr(trainer, "lays_out_batches", lambda *a: False)
+    train_model(train, val, cfg, checkpoint_path=ckpt)
+    monkeypatch.undo()
+    with pytest.raises(CheckpointError, match="minibatch_order"):
+        train_model(train, val, cfg, checkpoint_path=ckpt, resume=True)
 
 
 def test_resume_refuses_a_different_run(data, tmp_path):

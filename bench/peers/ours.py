@@ -121,6 +121,7 @@ def main() -> None:
 
     if args.threads:
         torch.set_num_threads(args.threads)
+        fused_cpu.KERNEL_THREADS = min(2, args.threads)  # the compiled kernels' threads too
     train, test = read_ratings(args.train), read_ratings(args.test)
     fit_part, val_part = carve_validation(train, args.seed)
     settings = {"seed": args.seed} | ({"optimizer": args.optimizer} if args.optimizer else {}) | given(args.set)

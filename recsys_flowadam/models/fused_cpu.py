@@ -6,10 +6,12 @@ intermediates several times and sorts the batch twice for its scatters; about 9 
 100k-rating step at rank 20 on one thread. The kernel (``models.fused_kernels.data_term``)
 walks the users in order (a counting sort, no comparison sort), touches each rating's rows once
 and adds into the gradients in place. Batches of ``PARALLEL_MIN_RATINGS`` or more are split in
-two halves of the users, computed at once on two threads: each half writes only its own users'
-rows, and the second half's item gradients go to a buffer of their own (no races). The users' L2 term rides along that
-walk; the items' comes from one pass over their parameters, which also initialises those
-gradient buffers (no separate zero fill). Indices are checked inside the kernel.
+two halves of the users at their median user, computed at once on two threads (``KERNEL_THREADS``;
+else one after the other, with the same numbers): each half writes only its own users' rows, and
+the second half's item gradients go to a zeroed buffer of their own, added after (no races).
+The users' L2 term rides along that walk; the items' comes from one pass over their parameters,
+which also initialises those gradient buffers (no separate zero fill but the second half's).
+Indices are checked inside the kernel.
 
 For biased MF and MF (no context mode), MSE or Huber, float32 or float64; the same sums as the
 other paths up to float rounding (tested against autograd to 1e-5). :func:`available` says
@@ -19,8 +21,10 @@ whether numba imports; without it the torch path is used.
 from __future__ import annotations
 
 import os
+import threading
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any, Callable, TypeVar
+from contextlib import contextmanager
+from typing import Any, Callable, Iterator, TypeVar
 
 import numpy as np
 import torch
@@ -31,11 +35,38 @@ from recsys_flowadam.models.factorization import Objective
 T, U = TypeVar("T"), TypeVar("U")
 _KERNELS: dict[str, Any] | None = None
 _POOL: ThreadPoolExecutor | None = None
-# The kernel's threads: two where there are two cores (Cornac's SGD, for one, uses every core). A
-# half whose core is taken just runs after the other: the threads wait on a future, they do not
-# spin, unlike torch's CPU threads, which are why the mini-batch loop keeps torch on one thread.
-KERNEL_THREADS = min(2, os.cpu_count() or 1)
-PARALLEL_MIN_RATINGS = 20_000  # smaller batches stay on one thread: the hand-off would cost what half saves
+_POOL_LOCK = threading.Lock()
+THREADS_VARIABLE = "RECSYS_FLOWADAM_KERNEL_THREADS"
+
+
+def _default_threads() -> int:
+    """2 where this process may use two cores or more, else 1; ``RECSYS_FLOWADAM_KERNEL_THREADS=1``
+    keeps the kernels on one (or 2 asks for two)."""
+    given = os.environ.get(THREADS_VARIABLE, "").strip()
+    if given:
+        if given not in ("1", "2"):
+            raise ValueError(f"{THREADS_VARIABLE} must be 1 or 2, got {given!r}")
+        return int(given)
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return min(2, cores)
+
+
+# The kernels' threads (Cornac's SGD, for one, uses every core). A half whose core is taken just
+# runs after the other: the threads wait on a future, they do not spin, unlike torch's CPU threads,
+# which are why the mini-batch loop keeps torch on one thread. The numbers do not depend on it: a
+# batch of PARALLEL_MIN_RATINGS or more is always computed in two halves, at once or in turn.
+KERNEL_THREADS = _default_threads()
+PARALLEL_MIN_RATINGS = 20_000  # smaller batches stay whole: the hand-off would cost what a half saves
+
+
+def _forget_pool() -> None:
+    """In a forked child the worker thread does not exist: the next call makes a new pool."""
+    global _POOL, _POOL_LOCK
+    _POOL, _POOL_LOCK = None, threading.Lock()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_forget_pool)
 
 
 def available() -> bool:
@@ -107,25 +138,23 @@ def loss_and_grad(params: dict[str, torch.Tensor], batch: Coords, objective: Obj
     extra_np = empty if extra is None else _np(extra.to(params["user_factors"].dtype).contiguous())
     g = torch.empty(len(users), dtype=params["user_factors"].dtype) if with_g else None
     w_user = objective.row_weights("user_factors")  # the kernel weighs b_u's L2 term alike
-    dV = _np(grads["item_factors"])
+    w_user_np = np.empty(0, dtype=np.float64) if w_user is None else _np(w_user.to(torch.float64).contiguous())
+    dU, dV = _np(grads["user_factors"]), _np(grads["item_factors"])
 
     def users_in(lo: int, hi: int, dV_part: np.ndarray, dbi_part: np.ndarray) -> tuple[float, float]:
         return k["data_term"](
             users, items, values, U, V, bu, bi, like(objective.offset), objective.loss == "huber",
-            like(objective.huber_delta), like(2.0 / max(len(users), 1)), _np(grads["user_factors"]),
-            dV_part, dbu, dbi_part, extra_np, empty if g is None else _np(g),
-            np.empty(0, dtype=np.float64) if w_user is None else _np(w_user.to(torch.float64).contiguous()),
-            float(objective.reg), float(objective.bias_reg), lo, hi)
+            like(objective.huber_delta), like(2.0 / max(len(users), 1)), dU, dV_part, dbu, dbi_part, extra_np,
+            empty if g is None else _np(g), w_user_np, float(objective.reg), float(objective.bias_reg), lo, hi)
 
     n_users = len(U)
-    if KERNEL_THREADS < 2 or len(users) < PARALLEL_MIN_RATINGS:
+    if len(users) < PARALLEL_MIN_RATINGS:
         data, user_penalty = users_in(0, n_users, dV, dbi)
     else:
-        # two halves of the users at once (the kernel releases the GIL): the batch's middle
-        # rating's user splits them (the ratings' median user when the batch comes user by user,
-        # as laid-out batches do); each half writes its own users' rows, the second half's item
-        # gradients go to a buffer of their own, added after
-        split = int(users[len(users) // 2])
+        # two halves of the users (at once when KERNEL_THREADS allows; the kernel releases the
+        # GIL), split at the batch's median user; each half writes its own users' rows, the
+        # second half's item gradients go to a buffer of their own, added after
+        split = median_user(users, n_users)
         dV_second, dbi_second = np.zeros_like(dV), np.zeros_like(dbi)
         (data, user_penalty), (data_second, penalty_second) = in_two(
             lambda: users_in(0, split, dV, dbi), lambda: users_in(split, n_users, dV_second, dbi_second))
@@ -136,13 +165,34 @@ def loss_and_grad(params: dict[str, torch.Tensor], batch: Coords, objective: Obj
     return (loss, grads, g) if with_g else (loss, grads)
 
 
+@contextmanager
+def kernel_threads(n: int | None) -> Iterator[None]:
+    """Run the block with ``KERNEL_THREADS = n`` (None: as it is), then restore it."""
+    global KERNEL_THREADS
+    before = KERNEL_THREADS
+    if n is not None:
+        KERNEL_THREADS = n
+    try:
+        yield
+    finally:
+        KERNEL_THREADS = before
+
+
+def median_user(users: np.ndarray, n_users: int) -> int:
+    """The first user at or past whom half of the ratings lie (the split of :func:`loss_and_grad`):
+    even halves whatever the batch's order."""
+    return int(np.searchsorted(np.cumsum(np.bincount(users, minlength=n_users)), len(users) // 2, side="right"))
+
+
 def in_two(first: Callable[[], T], second: Callable[[], U]) -> tuple[T, U]:
     """``(first(), second())``, the second on the worker thread while the first runs here when
     ``KERNEL_THREADS`` allows (for compiled kernels that release the GIL), else one after the other."""
+    global _POOL
     if KERNEL_THREADS < 2:
         return first(), second()
-    global _POOL
-    if _POOL is None:
-        _POOL = ThreadPoolExecutor(max_workers=1, thread_name_prefix="recsys-kernels")
-    later = _POOL.submit(second)
+    with _POOL_LOCK:
+        if _POOL is None:
+            _POOL = ThreadPoolExecutor(max_workers=1, thread_name_prefix="recsys-kernels")
+        pool = _POOL
+    later = pool.submit(second)
     return first(), later.result()

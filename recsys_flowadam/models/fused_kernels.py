@@ -51,7 +51,8 @@ def data_term(users, items, values, U, V, bu, bi, offset, huber, delta, scale, d
 
     Writes those users' rows of ``dU`` (and ``dbu``): the L2 gradient ``2 lam w_u U_u`` (``w_user`` empty:
     uniform 1; ``lam_bias`` for ``b_u``) plus the data gradient. Adds into ``dV`` (and ``dbi``),
-    which the caller initialises with the items' L2 gradient. ``extra`` (empty: none): a per-rating
+    which the caller initialises (with the items' L2 gradient, or zeros for a second range of users
+    whose item gradients are added afterwards). ``extra`` (empty: none): a per-rating
     addition to the prediction (the time models' terms); ``g_out`` (empty: not wanted): receives
     each rating's ``psi(r) / m``, for the gradients of such terms.
 

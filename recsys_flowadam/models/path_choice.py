@@ -129,26 +129,29 @@ def auto_eps(batch_size: int, rating_std: float, init_std: float = AUTO_INIT_STD
     gradients pass ``eps``. The unit follows the batch: a touched row's gradient is a few ratings'
     share of the batch mean. Measured on that problem (rank 50, init 0.01, lazy Adam): 1 unit
     0.786 (rising after pass 4), 3 units 0.785, 10 units 0.7707 after 10 passes (batches of 20k);
-    14 units at the automatic batch 0.7741 after 4 passes (dense Adam and FlowAdam E alike)."""
+    14 units at the automatic batch 0.7741 after 4 passes (dense Adam and FlowAdam E alike). The
+    trainer scales it to a given ``init_std``."""
     return AUTO_EPS_UNITS * 2.0 * max(rating_std, 1e-12) * init_std / batch_size
 
 
-def auto_minibatch(n_ratings: int, device: torch.device, why: str, rating_std: float = 1.0) -> PathChoice:
+def auto_minibatch(n_ratings: int, device: torch.device, why: str,
+                   rating_std: float | Callable[[], float] = 1.0) -> PathChoice:
     """The automatic mini-batch path for ``n_ratings`` training ratings of standard deviation
-    ``rating_std``: the batch, the learning-rate schedule, the run's length, the validation cadence
-    (all in passes over the data: see the module docstring) and the start (``AUTO_INIT_STD``,
-    :func:`auto_eps`); ``why`` opens the printed reason."""
+    ``rating_std`` (or a function computing it, called only here): the batch, the learning-rate
+    schedule, the run's length, the validation cadence (all in passes over the data: see the
+    module docstring) and the start (``AUTO_INIT_STD``, :func:`auto_eps`); ``why`` opens the
+    printed reason."""
     size = auto_batch_size(n_ratings)
     per_epoch = math.ceil(n_ratings / size)
     half_life = max(1, round(LR_HALF_LIFE_EPOCHS * per_epoch))
     every = max(1, round(per_epoch / EVALS_PER_EPOCH))
-    eps = float(f"{auto_eps(size, rating_std):.3g}")
+    eps = float(f"{auto_eps(size, rating_std() if callable(rating_std) else rating_std):.3g}")
     threads = ", one torch thread" if device.type == "cpu" else ""
     reason = (f"{why}: mini-batches of {size:,} ({per_epoch} a pass{threads}); the learning rate starts at "
               f"{AUTO_LR_SCALE:g} x lr and halves every {half_life} steps, for {AUTO_EPOCHS * per_epoch} steps "
               f"({AUTO_EPOCHS} passes) unless steps or epochs are given; validation every {every} steps on "
-              f"{EVAL_SAMPLE:,} fixed validation ratings; factors start at std {AUTO_INIT_STD:g} and Adam's eps "
-              f"is {eps:.3g} unless given, so the directions the data supports grow first")
+              f"{EVAL_SAMPLE:,} fixed validation ratings; factors start at std {AUTO_INIT_STD:g} and the Adam "
+              f"family's eps is {eps:.3g} unless given, so the directions the data supports grow first")
     return PathChoice("minibatch", size, reason, lr_half_life_steps=half_life, max_steps=AUTO_EPOCHS * per_epoch,
                       eval_every=every, eval_sample=EVAL_SAMPLE, lr_scale=AUTO_LR_SCALE, init_std=AUTO_INIT_STD,
                       eps=eps)
@@ -158,7 +161,7 @@ def small_minibatch(n_ratings: int, why: str) -> PathChoice:
     """Mini-batches for data below rule 1's size, for an optimizer that steps only on them
     (lazy-adam): ``BATCHES_PER_EPOCH`` batches a pass at the configured rate, no schedule (early
     stopping ends the run), validation twice a pass. The large-data schedule (batches of at
-    least ``MIN_AUTO_BATCH``, three passes) would leave ML-100K with a dozen steps."""
+    least ``MIN_AUTO_BATCH``, four passes) would leave ML-100K with a dozen steps."""
     size = max(1, round(n_ratings / BATCHES_PER_EPOCH))
     per_epoch = math.ceil(n_ratings / size)
     every = max(1, per_epoch // 2)
@@ -181,7 +184,7 @@ def choose_path(
     budget_bytes: int | None = None,
     element_size: int = 4,
     duplicates: bool | Callable[[], bool] = False,
-    rating_std: float = 1.0,
+    rating_std: float | Callable[[], float] = 1.0,
 ) -> PathChoice:
     """The path ``auto`` resolves to for ``n_ratings`` training ratings (rule in the module docstring)."""
     minibatch_ok = optimizer.lower() not in FULL_BATCH_ONLY

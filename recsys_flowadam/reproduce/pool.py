@@ -28,7 +28,10 @@ def _init_worker(counter: Any, threads: int) -> None:
     global _slot
     import torch
 
+    from recsys_flowadam.models import fused_cpu
+
     torch.set_num_threads(threads)
+    fused_cpu.KERNEL_THREADS = min(fused_cpu.KERNEL_THREADS, threads)  # the compiled kernels too
     with counter.get_lock():
         _slot = counter.value
         counter.value += 1

@@ -70,12 +70,15 @@ def data_digest(train: Ratings) -> str:
 
 
 def fingerprint(config: TrainConfig, train: Ratings, world_size: int = 1,
-                data_identity: Mapping[str, Any] | None = None) -> dict[str, Any]:
+                data_identity: Mapping[str, Any] | None = None,
+                resolved: Mapping[str, Any] | None = None) -> dict[str, Any]:
     """What must match for a checkpoint to be resumed: the config (less ``RESUMABLE_CHANGES``),
-    the world size when distributed (the partition and batch order depend on it), and the data:
-    what names it (``data_identity``: dataset, split spec, options), its source files' hashes,
-    its sizes and a digest of the training ratings themselves."""
-    cfg = {k: v for k, v in config.to_dict().items() if k not in RESUMABLE_CHANGES}
+    with ``resolved`` (what the run made of it: the initial factors' std, the way mini-batches
+    are drawn, which a change of device can change) over it, the world size when distributed
+    (the partition and batch order depend on it), and the data: what names it
+    (``data_identity``: dataset, split spec, options), its source files' hashes, its sizes and a
+    digest of the training ratings themselves."""
+    cfg = {k: v for k, v in config.to_dict().items() if k not in RESUMABLE_CHANGES} | dict(resolved or {})
     if world_size > 1:
         cfg["world_size"] = world_size
     data = {**json_safe(dict(data_identity or {})), "source_files": dict(train.source_files),

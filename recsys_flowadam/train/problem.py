@@ -165,7 +165,7 @@ def _row_weights(config: TrainConfig, spec: ModelSpec, coords: Coords, dtype: to
 
 def rating_std(coords: Coords) -> float:
     """The training ratings' standard deviation (the scale of the residuals at the start)."""
-    return float(coords.values.double().std()) if len(coords.values) > 1 else 1.0
+    return float(coords.values.float().std()) if len(coords.values) > 1 else 1.0
 
 
 def choose_run_path(config: TrainConfig, spec: ModelSpec, coords: Coords, largest_shard: int,
@@ -182,12 +182,12 @@ def choose_run_path(config: TrainConfig, spec: ModelSpec, coords: Coords, larges
             raise ValueError(f"optimizer lazy-adam steps on mini-batches, not on representation "
                              f"{config.representation!r}: drop --representation")
         if takes_auto_minibatch(largest_shard, config.optimizer):
-            return auto_minibatch(largest_shard, device, "lazy-adam steps on mini-batches", rating_std(coords))
+            return auto_minibatch(largest_shard, device, "lazy-adam steps on mini-batches", lambda: rating_std(coords))
         return small_minibatch(largest_shard, "lazy-adam steps on mini-batches")
     if config.representation != "auto":
         return PathChoice(config.representation, None, "--representation given")
     budget = None if config.memory_budget_gb is None else int(config.memory_budget_gb * (1 << 30))
     return choose_path(spec, largest_shard, device, optimizer=config.optimizer, budget_bytes=budget,
                        element_size=torch_dtype(config).itemsize, duplicates=lambda: has_duplicates(spec, coords),
-                       rating_std=rating_std(coords))
+                       rating_std=lambda: rating_std(coords))
 

@@ -11,8 +11,10 @@ and how a gradient is reduced), the :class:`~recsys_flowadam.train.evaluator.Eva
 On the CPU the mini-batch loop runs on one torch thread with freed memory kept in the process
 (:func:`loop_threads`, ``models.minibatch.retained_heap``; a full-batch loop too when the
 machine is busy), and torch's Adam/AdamW take their fused kernel there (:func:`optimizer_kwargs`):
-a step's kernels are too short to share between threads, and its update and fresh pages would
-otherwise cost as much as its gradient. The
+a step's torch kernels are too short to share between threads, and its update and fresh pages
+would otherwise cost as much as its gradient. The compiled gradient kernel of MF and biased MF
+splits a large batch between two threads of its own (``models.fused_cpu``; one in distributed
+runs, where each rank has its core). The
 automatic path's learning-rate schedule (:class:`LrDecay`) and validation cadence and sample come
 with its ``PathChoice``.
 
@@ -24,8 +26,8 @@ The loop itself reads nothing back from the device per step: the losses wait on 
 and a non-finite one is reported there with the step it happened at.
 
 Seeding: ``seed`` draws the initial factors (CPU generator ``seed``, then moved to the
-device) and the mini-batch order (a second CPU generator, ``seed + 1``, reshuffled every
-epoch). On the CPU the same seed gives bit-identical runs, and a run resumed from a
+device) and the mini-batch order (a second CPU generator, ``seed + 1``: reshuffled every
+epoch, or on the CPU for MF and biased MF cut once and reordered every epoch). On the CPU the same seed gives bit-identical runs, and a run resumed from a
 checkpoint ends with exactly the metrics of an uninterrupted one.
 
 Distributed (``torch.distributed`` initialised with more than one rank, e.g. under torchrun;
@@ -49,7 +51,7 @@ from typing import Any, Callable, Iterator, Mapping
 import torch
 
 from recsys_flowadam.data.ratings import Ratings
-from recsys_flowadam.models import Coords, ModelSpec, Objective, PathChoice, init_params, make_path
+from recsys_flowadam.models import Coords, ModelSpec, Objective, PathChoice, fused_cpu, init_params, make_path
 from recsys_flowadam.models.minibatch import retained_heap
 from recsys_flowadam.train.checkpoint import CheckpointError
 from recsys_flowadam.models.row_sparse import LazyAdamStep
@@ -334,11 +336,13 @@ def optimizer_kwargs(config: TrainConfig, choice: PathChoice, device: torch.devi
     fused against 9.6 ms for torch's default per-tensor loop, 100k x rank 20: a 72k x 20 model),
     and the fused kernel computes the same update to float rounding. Full-batch runs keep torch's
     default, so their numbers stay exactly as they were (FlowAdam picks its fused kernel itself).
-    The path's ``eps`` (the automatic mini-batch path's, ``models.path_choice.auto_eps``) goes to
-    the Adam family unless the options give one."""
+    The path's ``eps`` (the automatic mini-batch path's, ``models.path_choice.auto_eps``, in units
+    of a rating's gradient at the start) goes to the Adam family unless the options give one,
+    scaled to a given ``init_std``."""
     kwargs = dict(config.optimizer_kwargs)
     if choice.eps is not None and config.optimizer.lower() in EPS_OPTIMIZERS and "eps" not in kwargs:
-        kwargs["eps"] = choice.eps
+        scale = config.init_std / choice.init_std if config.init_std and choice.init_std else 1.0
+        kwargs["eps"] = choice.eps * scale
     if (choice.representation == "minibatch" and config.optimizer.lower() in FUSED_BY_DEFAULT
             and not {"fused", "foreach"} & kwargs.keys()):
         from torch.utils._foreach_utils import _get_fused_kernels_supported_devices
@@ -353,8 +357,6 @@ def lays_out_batches(spec: ModelSpec, coords: Coords, choice: PathChoice, device
     """Whether the mini-batches are cut once and laid out user by user (``batches.SlottedMiniBatches``)
     instead of drawn from a fresh permutation every epoch: on the CPU, in one process, for MF and
     biased MF (whose batches are users, items and values only) when numba is there."""
-    from recsys_flowadam.models import fused_cpu
-
     return (choice.representation == "minibatch" and device.type == "cpu" and dctx is None
             and spec.model_type in ("mf", "biased-mf") and coords.contexts is None and fused_cpu.available())
 
@@ -463,7 +465,10 @@ def train_model(
     lr_decay = None if choice.lr_half_life_steps is None else LrDecay(
         opt, choice.lr_half_life_steps, choice.lr_scale, choice.lr_hold_steps)
     ckpt = Path(checkpoint_path) if checkpoint_path is not None else None
-    fp = (fingerprint(config, train, data.world_size, data_identity)
+    resolved = {"init_std": init_std} | ({"minibatch_order": "cut once, reordered every epoch" if laid_out
+                                           else "reshuffled every epoch"} if choice.representation == "minibatch"
+                                          else {})
+    fp = (fingerprint(config, train, data.world_size, data_identity, resolved)
           if resume or (ckpt is not None and config.checkpoint_every) else {})  # hashing the data costs time
     checkpointer = Checkpointer(ckpt, config.checkpoint_every, data.is_main, fp)
     state = _resume(checkpointer, params, opt, evaluator, source, limit) if resume else LoopState()
@@ -478,7 +483,8 @@ def train_model(
                         evaluator=evaluator, checkpointer=checkpointer, limit=limit, on_step=on_step, bar=bar,
                         lr_decay=lr_decay, guard=guard)
     cpu_minibatch = device.type == "cpu" and choice.representation == "minibatch"
-    with torch_threads(loop_threads(device, choice)), retained_heap() if cpu_minibatch else nullcontext():
+    with (torch_threads(loop_threads(device, choice)), retained_heap() if cpu_minibatch else nullcontext(),
+          fused_cpu.kernel_threads(1 if dctx is not None else None)):
         stopped = driver.run()
         restored = driver.finish_guard()
     evaluator.finish(state)
