@@ -134,18 +134,16 @@ def auto_eps(batch_size: int, rating_std: float, init_std: float = AUTO_INIT_STD
     return AUTO_EPS_UNITS * 2.0 * max(rating_std, 1e-12) * init_std / batch_size
 
 
-def auto_minibatch(n_ratings: int, device: torch.device, why: str,
-                   rating_std: float | Callable[[], float] = 1.0) -> PathChoice:
+def auto_minibatch(n_ratings: int, device: torch.device, why: str, rating_std: float = 1.0) -> PathChoice:
     """The automatic mini-batch path for ``n_ratings`` training ratings of standard deviation
-    ``rating_std`` (or a function computing it, called only here): the batch, the learning-rate
-    schedule, the run's length, the validation cadence (all in passes over the data: see the
-    module docstring) and the start (``AUTO_INIT_STD``, :func:`auto_eps`); ``why`` opens the
-    printed reason."""
+    ``rating_std``: the batch, the learning-rate schedule, the run's length, the validation
+    cadence (all in passes over the data: see the module docstring) and the start
+    (``AUTO_INIT_STD``, :func:`auto_eps`); ``why`` opens the printed reason."""
     size = auto_batch_size(n_ratings)
     per_epoch = math.ceil(n_ratings / size)
     half_life = max(1, round(LR_HALF_LIFE_EPOCHS * per_epoch))
     every = max(1, round(per_epoch / EVALS_PER_EPOCH))
-    eps = float(f"{auto_eps(size, rating_std() if callable(rating_std) else rating_std):.3g}")
+    eps = float(f"{auto_eps(size, rating_std):.3g}")
     threads = ", one torch thread" if device.type == "cpu" else ""
     reason = (f"{why}: mini-batches of {size:,} ({per_epoch} a pass{threads}); the learning rate starts at "
               f"{AUTO_LR_SCALE:g} x lr and halves every {half_life} steps, for {AUTO_EPOCHS * per_epoch} steps "
@@ -184,7 +182,7 @@ def choose_path(
     budget_bytes: int | None = None,
     element_size: int = 4,
     duplicates: bool | Callable[[], bool] = False,
-    rating_std: float | Callable[[], float] = 1.0,
+    rating_std: float = 1.0,
 ) -> PathChoice:
     """The path ``auto`` resolves to for ``n_ratings`` training ratings (rule in the module docstring)."""
     minibatch_ok = optimizer.lower() not in FULL_BATCH_ONLY

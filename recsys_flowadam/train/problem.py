@@ -48,6 +48,7 @@ class Problem:
     seen_items: torch.Tensor
     device: torch.device
     dtype: torch.dtype
+    rating_std: float  # of the training ratings: sets the default reg and the automatic path's eps
     implicit: ImplicitFeedback | None = None  # svdpp: N of the training ratings, built once
 
     def predictor(self, params: dict[str, torch.Tensor]) -> Predictor:
@@ -125,13 +126,14 @@ def build_problem(train: Ratings, config: TrainConfig, device: torch.device) -> 
     coords = (coords_from_ratings(train, device=device, dtype=dtype, use_contexts=is_cp) if axis is None
               else time_coords(train, device=device, dtype=dtype))
     implicit = implicit_of(spec, coords) if spec.has_implicit else None
-    objective = Objective(reg=config.reg_for(float(train.values.std())), bias_reg=config.effective_bias_reg,
+    rating_std = float(train.values.std())
+    objective = Objective(reg=config.reg_for(rating_std), bias_reg=config.effective_bias_reg,
                           loss=config.loss,
                           huber_delta=config.huber_delta, offset=train.mean if center else 0.0,
                           weights=_row_weights(config, spec, coords, dtype, implicit), time=axis)
     return Problem(spec, objective, coords, train.mean, train.scale,
                    *seen_in_training(coords.users, coords.items, spec.n_users, spec.n_items),
-                   device=device, dtype=dtype, implicit=implicit)
+                   device=device, dtype=dtype, rating_std=rating_std, implicit=implicit)
 
 
 def _time_bins(config: TrainConfig, train: Ratings) -> int:
@@ -163,13 +165,8 @@ def _row_weights(config: TrainConfig, spec: ModelSpec, coords: Coords, dtype: to
     return {**weights, **(time_penalty_weights(spec, weights, coords.users.device, dtype) or {})}
 
 
-def rating_std(coords: Coords) -> float:
-    """The training ratings' standard deviation (the scale of the residuals at the start)."""
-    return float(coords.values.float().std()) if len(coords.values) > 1 else 1.0
-
-
 def choose_run_path(config: TrainConfig, spec: ModelSpec, coords: Coords, largest_shard: int,
-                    device: torch.device) -> PathChoice:
+                    device: torch.device, rating_std: float = 1.0) -> PathChoice:
     """The run's gradient path: what ``batch_size`` / ``representation`` ask for, else the
     automatic choice (``models.path_choice``) for the largest shard (so every rank agrees)."""
     if config.batch_size is not None:
@@ -182,12 +179,12 @@ def choose_run_path(config: TrainConfig, spec: ModelSpec, coords: Coords, larges
             raise ValueError(f"optimizer lazy-adam steps on mini-batches, not on representation "
                              f"{config.representation!r}: drop --representation")
         if takes_auto_minibatch(largest_shard, config.optimizer):
-            return auto_minibatch(largest_shard, device, "lazy-adam steps on mini-batches", lambda: rating_std(coords))
+            return auto_minibatch(largest_shard, device, "lazy-adam steps on mini-batches", rating_std)
         return small_minibatch(largest_shard, "lazy-adam steps on mini-batches")
     if config.representation != "auto":
         return PathChoice(config.representation, None, "--representation given")
     budget = None if config.memory_budget_gb is None else int(config.memory_budget_gb * (1 << 30))
     return choose_path(spec, largest_shard, device, optimizer=config.optimizer, budget_bytes=budget,
                        element_size=torch_dtype(config).itemsize, duplicates=lambda: has_duplicates(spec, coords),
-                       rating_std=lambda: rating_std(coords))
+                       rating_std=rating_std)
 

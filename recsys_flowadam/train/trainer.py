@@ -446,7 +446,7 @@ def train_model(
     problem = build_problem(train, config, device)
     data = place_training_data(problem.coords, problem.objective, dctx, config.seed, device)
     choice = (PathChoice(**path_choice) if path_choice is not None
-              else choose_run_path(config, problem.spec, problem.coords, data.largest, device))
+              else choose_run_path(config, problem.spec, problem.coords, data.largest, device, problem.rating_std))
     path = None if lazy else make_path(choice.representation, problem.spec, data.coords, data.path_objective)
     init_std = choice.init_std if config.init_std is None else config.init_std
     params = init_params(problem.spec, init_std=init_std, generator=torch.Generator().manual_seed(config.seed),
