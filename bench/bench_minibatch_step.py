@@ -13,7 +13,7 @@ by side in one run, for:
   (``train``'s default optimizer);
 * the torch CPU thread count: ``--threads 1,2`` runs every variant at each count (``train``
   runs the CPU mini-batch path on one thread);
-* the compiled kernel's threads: ``--kernel-threads 1,2`` (``models.fused_cpu.KERNEL_THREADS``; by
+* the compiled kernel's threads: ``--kernel-threads 1,2`` (``kernel_pool.KERNEL_THREADS``; by
   default 2 where there are two cores: the numba kernel splits a batch of 20k+ ratings into two
   halves of the users, so its CPU time can exceed the wall time; lazy-adam's step is one thread);
 * ``--paths row-sparse``: lazy-adam's step, its gradient and its update of the touched rows in one
@@ -45,7 +45,8 @@ from typing import Callable
 
 import torch
 
-from recsys_flowadam.models import AutogradPath, Coords, ModelSpec, Objective, fused_cpu, init_params
+from recsys_flowadam import kernel_pool
+from recsys_flowadam.models import AutogradPath, Coords, ModelSpec, Objective, init_params
 from recsys_flowadam.models.minibatch import MiniBatchPath, retained_heap
 from recsys_flowadam.optim import make_optimizer
 
@@ -158,8 +159,8 @@ def main() -> None:
                          "update (CPU, mf/biased-mf; the optimizers list does not apply to it)")
     ap.add_argument("--optimizers", default=",".join(OPTIMIZERS), help=f"of {', '.join(OPTIMIZERS)}")
     ap.add_argument("--heap", default="default,retained", help="default, retained or both (in this order)")
-    ap.add_argument("--kernel-threads", default=str(fused_cpu.KERNEL_THREADS),
-                    help="comma-separated thread counts of the numba kernel (models.fused_cpu.KERNEL_THREADS)")
+    ap.add_argument("--kernel-threads", default=str(kernel_pool.KERNEL_THREADS),
+                    help="comma-separated thread counts of the numba kernel (kernel_pool.KERNEL_THREADS)")
     args = ap.parse_args()
     device = torch.device(args.device)
     default_threads = torch.get_num_threads()
@@ -183,7 +184,7 @@ def main() -> None:
             for threads, kernel in itertools.product([int(t) or default_threads for t in args.threads.split(",")],
                                                      [int(k) for k in args.kernel_threads.split(",")]):
                 torch.set_num_threads(threads)
-                fused_cpu.KERNEL_THREADS = kernel
+                kernel_pool.KERNEL_THREADS = kernel
                 where = f"{heap} heap, {threads} thread{'s' if threads > 1 else ' '}, kernel {kernel}"
                 for name in args.paths.split(","):
                     if name == "row-sparse":  # lazy-adam: its own fused step, no other optimizer

@@ -113,13 +113,13 @@ def test_fused_step_matches_autograd_and_lazy_adam(model, weighting, loss):
 
 @pytest.mark.parametrize("threads", [1, 2])
 def test_slotted_batches_cover_every_rating_once_grouped_by_user(threads, monkeypatch):
-    from recsys_flowadam.models import fused_cpu
+    from recsys_flowadam import kernel_pool
 
     coords = _coords(n=601, crowd=False)  # distinct (user, item) pairs: each names one rating
     perm = torch.randperm(601, generator=torch.Generator().manual_seed(0))
-    monkeypatch.setattr(fused_cpu, "KERNEL_THREADS", 1)
+    monkeypatch.setattr(kernel_pool, "KERNEL_THREADS", 1)
     one = SlottedRatings(coords, 100, perm, (40, 25), torch.float32)
-    monkeypatch.setattr(fused_cpu, "KERNEL_THREADS", threads)  # halves of the batches laid out at once
+    monkeypatch.setattr(kernel_pool, "KERNEL_THREADS", threads)  # halves of the batches laid out at once
     s = SlottedRatings(coords, 100, perm, (40, 25), torch.float32)
     assert all(np.array_equal(getattr(s, a), getattr(one, a)) for a in ("users", "items", "values", "starts"))
     assert s.n_batches == 7 and [s.batch_size(b) for b in range(7)] == [100] * 6 + [1]

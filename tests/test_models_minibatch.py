@@ -236,11 +236,12 @@ FUSED_CASES = [("mf", None, "mse"), ("mf", None, "huber"), ("biased-mf", None, "
 def test_fused_kernel_matches_autograd(model, biases, loss, weighting, dtype, threads, monkeypatch):
     """The one-pass numba gradient (what the CPU mini-batch path runs for MF and biased MF), on one
     thread and split between two (forced here on small batches)."""
+    from recsys_flowadam import kernel_pool
     from recsys_flowadam.models import fused_cpu
 
     if not fused_cpu.available():
         pytest.skip("numba is not installed")
-    monkeypatch.setattr(fused_cpu, "KERNEL_THREADS", threads)
+    monkeypatch.setattr(kernel_pool, "KERNEL_THREADS", threads)
     monkeypatch.setattr(fused_cpu, "PARALLEL_MIN_RATINGS", 0)
     spec, coords, params = _problem(model, biases)
     coords = Coords(coords.users, coords.items, coords.values.to(dtype))
@@ -265,6 +266,7 @@ def test_fused_kernel_on_two_threads_gives_one_threads_sums(by_user, monkeypatch
     """Split at the batch's middle rating's user, the two halves write their own users' rows, each
     rating's g and the same loss; the items' gradients differ by float rounding only. Batches in
     any order (the split is then uneven) and laid out user by user (an even split)."""
+    from recsys_flowadam import kernel_pool
     from recsys_flowadam.models import fused_cpu
 
     if not fused_cpu.available():
@@ -281,7 +283,7 @@ def test_fused_kernel_on_two_threads_gives_one_threads_sums(by_user, monkeypatch
     monkeypatch.setattr(fused_cpu, "PARALLEL_MIN_RATINGS", 0)
     got = {}
     for threads in (1, 2):
-        monkeypatch.setattr(fused_cpu, "KERNEL_THREADS", threads)
+        monkeypatch.setattr(kernel_pool, "KERNEL_THREADS", threads)
         got[threads] = fused_cpu.loss_and_grad(params, coords, obj, extra=extra, with_g=True)
     (loss1, grads1, g1), (loss2, grads2, g2) = got[1], got[2]
     assert float(loss2) == pytest.approx(float(loss1), rel=1e-13)
@@ -297,36 +299,36 @@ def test_kernel_thread_pool_works_in_a_forked_child(monkeypatch):
     instead of waiting forever on the old one."""
     import multiprocessing
 
-    from recsys_flowadam.models import fused_cpu
+    from recsys_flowadam import kernel_pool
 
-    monkeypatch.setattr(fused_cpu, "KERNEL_THREADS", 2)
-    assert fused_cpu.in_two(lambda: 1, lambda: 2) == (1, 2)  # the pool and its worker exist now
+    monkeypatch.setattr(kernel_pool, "KERNEL_THREADS", 2)
+    assert kernel_pool.in_two(lambda: 1, lambda: 2) == (1, 2)  # the pool and its worker exist now
     ctx = multiprocessing.get_context("fork")
     with ctx.Pool(1) as pool:
         assert pool.apply_async(_halves_in_child).get(timeout=60) == (3, 4)
 
 
 def _halves_in_child() -> tuple[int, int]:
-    from recsys_flowadam.models import fused_cpu
+    from recsys_flowadam import kernel_pool
 
-    fused_cpu.KERNEL_THREADS = 2
-    return fused_cpu.in_two(lambda: 3, lambda: 4)
+    kernel_pool.KERNEL_THREADS = 2
+    return kernel_pool.in_two(lambda: 3, lambda: 4)
 
 
 def test_kernel_threads_come_from_the_environment(monkeypatch):
-    from recsys_flowadam.models import fused_cpu
+    from recsys_flowadam import kernel_pool
 
-    monkeypatch.setenv(fused_cpu.THREADS_VARIABLE, "1")
-    assert fused_cpu._default_threads() == 1
-    monkeypatch.setenv(fused_cpu.THREADS_VARIABLE, "3")
+    monkeypatch.setenv(kernel_pool.THREADS_VARIABLE, "1")
+    assert kernel_pool._default_threads() == 1
+    monkeypatch.setenv(kernel_pool.THREADS_VARIABLE, "3")
     with pytest.raises(ValueError, match="RECSYS_FLOWADAM_KERNEL_THREADS must be 1 or 2"):
-        fused_cpu._default_threads()
-    monkeypatch.setattr(fused_cpu, "KERNEL_THREADS", 2)
-    with fused_cpu.kernel_threads(1):
-        assert fused_cpu.KERNEL_THREADS == 1
-    assert fused_cpu.KERNEL_THREADS == 2  # restored
-    with fused_cpu.kernel_threads(None):  # None: as it is
-        assert fused_cpu.KERNEL_THREADS == 2
+        kernel_pool._default_threads()
+    monkeypatch.setattr(kernel_pool, "KERNEL_THREADS", 2)
+    with kernel_pool.kernel_threads(1):
+        assert kernel_pool.KERNEL_THREADS == 1
+    assert kernel_pool.KERNEL_THREADS == 2  # restored
+    with kernel_pool.kernel_threads(None):  # None: as it is
+        assert kernel_pool.KERNEL_THREADS == 2
 
 
 def test_median_user_halves_the_ratings_in_any_order():

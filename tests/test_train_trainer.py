@@ -294,11 +294,12 @@ def replace_cfg(cfg: TrainConfig, **changes) -> TrainConfig:
 @pytest.mark.parametrize("optimizer,batch,halves", [("flowadam", None, False), ("adam", 300, False),
                                                     ("adam", 300, True), ("lazy-adam", 300, False)])
 def test_resume_from_checkpoint_equals_uninterrupted_run(data, tmp_path, monkeypatch, optimizer, batch, halves):
+    from recsys_flowadam import kernel_pool
     from recsys_flowadam.models import fused_cpu
 
     if halves:  # the CPU kernel's two halves of every batch, on two threads
         monkeypatch.setattr(fused_cpu, "PARALLEL_MIN_RATINGS", 0)
-        monkeypatch.setattr(fused_cpu, "KERNEL_THREADS", 2)
+        monkeypatch.setattr(kernel_pool, "KERNEL_THREADS", 2)
     train, val, _ = data
     cfg = TrainConfig(model="biased-mf", rank=3, reg=1e-4, lr=0.02, optimizer=optimizer, steps=60,
                       batch_size=batch, eval_every=7, patience=0, checkpoint_every=25)

@@ -111,6 +111,7 @@ def main() -> None:
     import recsys_flowadam
     import recsys_flowadam.serve.scorer  # noqa: F401
     import recsys_flowadam.train.pipeline  # noqa: F401  (fit imports these lazily)
+    from recsys_flowadam import kernel_pool
     from recsys_flowadam.models import fused_cpu, row_sparse
 
     fused_cpu.available(), row_sparse._kernels()  # numba and the kernels' modules (compiled code loads in fit)
@@ -121,7 +122,7 @@ def main() -> None:
 
     if args.threads:
         torch.set_num_threads(args.threads)
-        fused_cpu.KERNEL_THREADS = min(2, args.threads)  # the compiled kernels' threads too
+        kernel_pool.KERNEL_THREADS = min(2, args.threads)  # the compiled kernels' threads too
     train, test = read_ratings(args.train), read_ratings(args.test)
     fit_part, val_part = carve_validation(train, args.seed)
     settings = {"seed": args.seed} | ({"optimizer": args.optimizer} if args.optimizer else {}) | given(args.set)

@@ -6,7 +6,7 @@ intermediates several times and sorts the batch twice for its scatters; about 9 
 100k-rating step at rank 20 on one thread. The kernel (``models.fused_kernels.data_term``)
 walks the users in order (a counting sort, no comparison sort), touches each rating's rows once
 and adds into the gradients in place. Batches of ``PARALLEL_MIN_RATINGS`` or more are split in
-two halves of the users at their median user, computed at once on two threads (``KERNEL_THREADS``;
+two halves of the users at their median user, computed at once on two threads (``kernel_pool.KERNEL_THREADS``;
 else one after the other, with the same numbers): each half writes only its own users' rows, and
 the second half's item gradients go to a zeroed buffer of their own, added after (no races).
 The users' L2 term rides along that walk; the items' comes from one pass over their parameters,
@@ -20,53 +20,17 @@ whether numba imports; without it the torch path is used.
 
 from __future__ import annotations
 
-import os
-import threading
-from concurrent.futures import ThreadPoolExecutor
-from contextlib import contextmanager
-from typing import Any, Callable, Iterator, TypeVar
+from typing import Any
 
 import numpy as np
 import torch
 
 from recsys_flowadam.models.coords import Coords
 from recsys_flowadam.models.factorization import Objective
+from recsys_flowadam.kernel_pool import in_two
 
-T, U = TypeVar("T"), TypeVar("U")
 _KERNELS: dict[str, Any] | None = None
-_POOL: ThreadPoolExecutor | None = None
-_POOL_LOCK = threading.Lock()
-THREADS_VARIABLE = "RECSYS_FLOWADAM_KERNEL_THREADS"
-
-
-def _default_threads() -> int:
-    """2 where this process may use two cores or more, else 1; ``RECSYS_FLOWADAM_KERNEL_THREADS=1``
-    keeps the kernels on one (or 2 asks for two)."""
-    given = os.environ.get(THREADS_VARIABLE, "").strip()
-    if given:
-        if given not in ("1", "2"):
-            raise ValueError(f"{THREADS_VARIABLE} must be 1 or 2, got {given!r}")
-        return int(given)
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    return min(2, cores)
-
-
-# The kernels' threads (Cornac's SGD, for one, uses every core). A half whose core is taken just
-# runs after the other: the threads wait on a future, they do not spin, unlike torch's CPU threads,
-# which are why the mini-batch loop keeps torch on one thread. The numbers do not depend on it: a
-# batch of PARALLEL_MIN_RATINGS or more is always computed in two halves, at once or in turn.
-KERNEL_THREADS = _default_threads()
 PARALLEL_MIN_RATINGS = 20_000  # smaller batches stay whole: the hand-off would cost what a half saves
-
-
-def _forget_pool() -> None:
-    """In a forked child the worker thread does not exist: the next call makes a new pool."""
-    global _POOL, _POOL_LOCK
-    _POOL, _POOL_LOCK = None, threading.Lock()
-
-
-if hasattr(os, "register_at_fork"):
-    os.register_at_fork(after_in_child=_forget_pool)
 
 
 def available() -> bool:
@@ -165,34 +129,7 @@ def loss_and_grad(params: dict[str, torch.Tensor], batch: Coords, objective: Obj
     return (loss, grads, g) if with_g else (loss, grads)
 
 
-@contextmanager
-def kernel_threads(n: int | None) -> Iterator[None]:
-    """Run the block with ``KERNEL_THREADS = n`` (None: as it is), then restore it."""
-    global KERNEL_THREADS
-    before = KERNEL_THREADS
-    if n is not None:
-        KERNEL_THREADS = n
-    try:
-        yield
-    finally:
-        KERNEL_THREADS = before
-
-
 def median_user(users: np.ndarray, n_users: int) -> int:
     """The first user at or past whom half of the ratings lie (the split of :func:`loss_and_grad`):
     even halves whatever the batch's order."""
     return int(np.searchsorted(np.cumsum(np.bincount(users, minlength=n_users)), len(users) // 2, side="right"))
-
-
-def in_two(first: Callable[[], T], second: Callable[[], U]) -> tuple[T, U]:
-    """``(first(), second())``, the second on the worker thread while the first runs here when
-    ``KERNEL_THREADS`` allows (for compiled kernels that release the GIL), else one after the other."""
-    global _POOL
-    if KERNEL_THREADS < 2:
-        return first(), second()
-    with _POOL_LOCK:
-        if _POOL is None:
-            _POOL = ThreadPoolExecutor(max_workers=1, thread_name_prefix="recsys-kernels")
-        pool = _POOL
-    later = pool.submit(second)
-    return first(), later.result()

@@ -26,7 +26,7 @@ import torch
 
 from recsys_flowadam.models.coords import Coords
 from recsys_flowadam.models.factorization import Objective
-from recsys_flowadam.models.fused_cpu import in_two
+from recsys_flowadam.kernel_pool import in_two
 
 _KERNELS: Any = None
 PARAM_NAMES = ("user_factors", "item_factors", "user_bias", "item_bias")

@@ -28,10 +28,10 @@ def _init_worker(counter: Any, threads: int) -> None:
     global _slot
     import torch
 
-    from recsys_flowadam.models import fused_cpu
+    from recsys_flowadam import kernel_pool
 
     torch.set_num_threads(threads)
-    fused_cpu.KERNEL_THREADS = min(fused_cpu.KERNEL_THREADS, threads)  # the compiled kernels too
+    kernel_pool.KERNEL_THREADS = min(kernel_pool.KERNEL_THREADS, threads)  # the compiled kernels too
     with counter.get_lock():
         _slot = counter.value
         counter.value += 1

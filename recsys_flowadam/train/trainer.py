@@ -51,6 +51,7 @@ from typing import Any, Callable, Iterator, Mapping
 import torch
 
 from recsys_flowadam.data.ratings import Ratings
+from recsys_flowadam import kernel_pool
 from recsys_flowadam.models import Coords, ModelSpec, Objective, PathChoice, fused_cpu, init_params, make_path
 from recsys_flowadam.models.minibatch import retained_heap
 from recsys_flowadam.train.checkpoint import CheckpointError
@@ -484,7 +485,7 @@ def train_model(
                         lr_decay=lr_decay, guard=guard)
     cpu_minibatch = device.type == "cpu" and choice.representation == "minibatch"
     with (torch_threads(loop_threads(device, choice)), retained_heap() if cpu_minibatch else nullcontext(),
-          fused_cpu.kernel_threads(1 if dctx is not None else None)):
+          kernel_pool.kernel_threads(1 if dctx is not None else None)):
         stopped = driver.run()
         restored = driver.finish_guard()
     evaluator.finish(state)
