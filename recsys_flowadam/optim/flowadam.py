@@ -21,7 +21,10 @@ per ``step(closure)``:
    untouched, no Adam update. Non-finite values or a failed solve: parameters restored and an
    Adam step with g taken instead (a *fallback*).
 5. Adam branch: bias-corrected Adam, torch's own functional implementation (fused kernel where
-   the device supports it, else torch's default), so the numbers are torch.optim.Adam's.
+   the device supports it, else torch's default), so the numbers are torch.optim.Adam's; on the
+   CPU from ``fused_adam.MIN_ELEMENTS`` parameters, the compiled two-thread pass of
+   :mod:`~recsys_flowadam.optim.fused_adam` (the same update to float rounding), which for
+   preset E also reads the step's trigger statistics, instead of a pass of their own.
 
 Weight decay is decoupled (AdamW style: theta <- theta * (1 - lr * weight_decay)). It is applied
 on every step, on the ODE branch after the flow, so that it does not vanish when the ODE
@@ -58,10 +61,12 @@ from __future__ import annotations
 import math
 from typing import Any, Callable, Iterable, Sequence
 
+import numpy as np
 import torch
 from torch.optim import Optimizer
 from torch.optim.adam import adam as _functional_adam
 
+from recsys_flowadam.optim import fused_adam
 from recsys_flowadam.optim.everyday import (
     NoiseAwareStats,
     TriggerMailbox,
@@ -446,8 +451,14 @@ class FlowAdam(Optimizer):
             return loss
         all_grads = [g for e in entries for g in e[2]]
         if self.defaults["trigger"] == "noise":
+            code = self._noise_take()
+            if not code and self._compiled(entries):  # the statistics come from the Adam pass itself
+                parts = [self._adam(group, ps, gs, sts, sums=True) for group, ps, gs, sts in entries]
+                sums = np.concatenate([part.reshape(3, -1) for part in parts], axis=1).reshape(-1)
+                self._noise_observe(gradient_departure(sums))
+                return loss
             exp_avgs = [st["exp_avg"] for e in entries for st in e[3]]
-            code = self._noise_decision(gradient_departure(departure_parts(all_grads, exp_avgs)))
+            self._noise_observe(gradient_departure(departure_parts(all_grads, exp_avgs)))
             # This step's g for the solve's first stage and a fallback: the gradients themselves for
             # the one-stage Euler flow (no closure call), a copy before a solve re-evaluates them.
             g_prevs = [g.clone() for g in all_grads] if code and not self._solver_free() else all_grads
@@ -486,18 +497,19 @@ class FlowAdam(Optimizer):
             return int(trigger_code(n, c, self._flow["n_bar"], self._flow["c_bar"], switch, curvature).item())
         return 0
 
-    def _noise_decision(self, x: Any) -> int:
-        """The "noise" rule: the code posted at the previous step decides this one; x = (n, c)
-        then yields the code for the next step (see ``optim.everyday``)."""
+    def _noise_take(self) -> int:
+        """The "noise" rule's decision for this step: the code posted at the previous one (see
+        ``optim.everyday``); 0 during warm-up."""
+        return self._mailbox.take() if self._flow["steps"] > self.defaults["warmup_steps"] else 0
+
+    def _noise_observe(self, x: Any) -> None:
+        """x = (n, c) of this step yields the code for the next step, then joins the statistics."""
         opts = self.defaults
-        steps = self._flow["steps"]
-        code = self._mailbox.take() if steps > opts["warmup_steps"] else 0
         switch, curvature = opts["switch_sensitivity"], opts["curvature_sensitivity"]
         beta, beta_var = opts["stat_beta"], variance_beta(opts["stat_beta"])
-        if steps >= opts["warmup_steps"] and (switch > 0.0 or not math.isinf(curvature)):
+        if self._flow["steps"] >= opts["warmup_steps"] and (switch > 0.0 or not math.isinf(curvature)):
             self._mailbox.post(self._noise.code(x, switch, curvature, opts["noise_z"], beta_var))
         self._noise.update(x, beta, beta_var)
-        return code
 
     def _solver_free(self) -> bool:
         """The "noise" rule with one Euler step: the ODE branch needs no solver and no closure call."""
@@ -520,8 +532,23 @@ class FlowAdam(Optimizer):
         return None if avg is None else avg.to(device=like.device, dtype=like.dtype)
 
     @staticmethod
-    def _adam(group: dict[str, Any], ps: list, gs: list, sts: list) -> None:
+    def _compiled(entries: list) -> bool:
+        """Whether Adam's step runs as ``optim.fused_adam``'s compiled pass (large CPU models)."""
+        params = [p for e in entries for p in e[1]]
+        return fused_adam.large_enough(params) and all(
+            fused_adam.supports([*ps, *gs, *(st[k] for st in sts for k in ("exp_avg", "exp_avg_sq"))])
+            for group, ps, gs, sts in entries)
+
+    def _adam(self, group: dict[str, Any], ps: list, gs: list, sts: list, sums: bool = False) -> np.ndarray | None:
+        """Adam's step on one group: the compiled pass on large CPU models (with ``sums``, also the
+        trigger statistics of ``everyday.departure_parts``, per tensor, in its layout), else
+        torch's functional Adam (fused kernel where the device has it)."""
         beta1, beta2 = group["betas"]
+        if sums or self._compiled([(group, ps, gs, sts)]):
+            return fused_adam.adam_step(ps, gs, [st["exp_avg"] for st in sts], [st["exp_avg_sq"] for st in sts],
+                                        [st["step"] for st in sts], lr=group["lr"], beta1=beta1, beta2=beta2,
+                                        eps=group["eps"], weight_decay=group["weight_decay"], decoupled=True,
+                                        sums=sums)
         fused = bool(group["fused"])
         _functional_adam(
             ps,
@@ -541,6 +568,7 @@ class FlowAdam(Optimizer):
             eps=group["eps"],
             maximize=False,
         )
+        return None
 
     def _ode_step(self, closure: Closure, entries: list, g0: list[torch.Tensor]) -> bool:
         """ODE branch; True on success, False (parameters restored) when the solve failed."""

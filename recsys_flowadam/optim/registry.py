@@ -1,7 +1,9 @@
 """Name -> optimizer constructor registry (the CLI's ``--optimizer`` uses it) and closure counting.
 
 Baselines are the maintained implementations, not rewritten here: Adam, AdamW, SGD (momentum
-0.9 unless given) and L-BFGS from torch; Lion and AdaBelief from ``pytorch_optimizer``.
+0.9 unless given) and L-BFGS from torch; Lion and AdaBelief from ``pytorch_optimizer``. Adam and
+AdamW are torch's classes with one change: with ``fused=True`` on a large CPU model their step
+is a compiled pass on two threads (``optim.fused_adam``: the same update, to float rounding).
 "flowadam" is FlowAdam with the everyday preset "E" unless ``mode`` is given (at Adam's cost:
 one gradient evaluation per step); ``mode="B"`` is the paper's preset with dopri5.
 """
@@ -32,6 +34,18 @@ def _lazy_adam() -> type:
     from recsys_flowadam.optim.lazy_adam import LazyAdam
 
     return LazyAdam
+
+
+def _adam() -> type:
+    from recsys_flowadam.optim.fused_adam import Adam
+
+    return Adam
+
+
+def _adamw() -> type:
+    from recsys_flowadam.optim.fused_adam import AdamW
+
+    return AdamW
 
 
 def _lion() -> type:
@@ -76,8 +90,8 @@ OPTIMIZERS: Mapping[str, OptimizerEntry] = MappingProxyType(
         "flowadam": OptimizerEntry(
             _flowadam, {"mode": "E"}, "FlowAdam (this package), everyday preset E by default; mode='B': the paper's"
         ),
-        "adam": OptimizerEntry(lambda: torch.optim.Adam, {}, "torch.optim.Adam"),
-        "adamw": OptimizerEntry(lambda: torch.optim.AdamW, {}, "torch.optim.AdamW"),
+        "adam": OptimizerEntry(_adam, {}, "torch.optim.Adam (fused=True on a large CPU model: optim.fused_adam)"),
+        "adamw": OptimizerEntry(_adamw, {}, "torch.optim.AdamW (fused=True on a large CPU model: optim.fused_adam)"),
         LAZY_ADAM: OptimizerEntry(_lazy_adam, {}, "Adam on the rows a mini-batch touches, fused with its gradient "
                                                     "(CPU, mf/biased-mf; optim.lazy_adam)"),
         "sgd": OptimizerEntry(lambda: torch.optim.SGD, {"momentum": 0.9}, "torch.optim.SGD, momentum 0.9"),

@@ -1,0 +1,157 @@
+"""Adam's update of large CPU models in one compiled pass on the kernels' two threads (numba).
+
+Why not torch's fused CPU Adam: in the mini-batch loop torch runs on one thread (its CPU threads
+spin and collapse when the machine is busy), and there its fused kernel took 3 ms of a 10-11 ms
+step on the 10M-rating problem's 3.6M parameters. The compiled pass splits the elements in two
+halves and runs them on ``kernel_pool``'s threads, which wait instead of spinning: 2.2-2.5 against
+3.0 ms. FlowAdam's preset E also reads its trigger statistics (``||g||^2``, ``||m||^2``, ``g.m``)
+in the same pass instead of a pass of their own (2.4-2.6 ms against 3.0 + 2.0).
+
+Used from ``MIN_ELEMENTS`` parameters on (below, torch's kernels cost microseconds and keep
+earlier runs' numbers bit for bit), for float32 / float64 parameters on the CPU with dense,
+contiguous gradients, no amsgrad, no maximize, and a float learning rate; with numba only. The
+update is torch's Adam / AdamW (``decoupled``) to float rounding (tested against torch.optim.Adam):
+the halves are fixed whatever the thread count, so the numbers do not depend on it.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+
+from recsys_flowadam.kernel_pool import in_two
+
+__all__ = ["MIN_ELEMENTS", "Adam", "AdamW", "adam_step", "kernels", "supports"]
+
+MIN_ELEMENTS = 1_000_000
+_KERNELS: Any = None
+
+
+def kernels() -> Any:
+    """The compiled kernels' module (``optim.adam_kernels``), or None without numba."""
+    global _KERNELS
+    if _KERNELS is None:
+        try:
+            from recsys_flowadam.optim import adam_kernels
+        except ImportError:
+            _KERNELS = False
+            return None
+        _KERNELS = adam_kernels
+    return _KERNELS or None
+
+
+def supports(tensors: Sequence[torch.Tensor]) -> bool:
+    """Whether :func:`adam_step` takes these parameters (with their gradients and moments given as
+    the same list's later entries or not): CPU, one float32/float64 dtype, dense and contiguous,
+    ``MIN_ELEMENTS`` parameters or more, and numba present."""
+    if not tensors:
+        return False
+    dtype = tensors[0].dtype
+    return (dtype in (torch.float32, torch.float64)
+            and all(t.device.type == "cpu" and t.dtype == dtype and t.layout == torch.strided and t.is_contiguous()
+                    for t in tensors)
+            and kernels() is not None)
+
+
+def large_enough(params: Sequence[torch.Tensor]) -> bool:
+    return sum(p.numel() for p in params) >= MIN_ELEMENTS
+
+
+def _halves(sizes: Sequence[int]) -> tuple[list[tuple[int, int, int]], list[tuple[int, int, int]]]:
+    """The elements of tensors of ``sizes``, as one sequence, cut in two halves: per half a list of
+    ``(tensor, lo, hi)`` pieces."""
+    total = sum(sizes)
+    cut = total // 2
+    first, second = [], []
+    offset = 0
+    for t, n in enumerate(sizes):
+        lo, hi = offset, offset + n
+        if n == 0:
+            continue
+        if lo < cut:
+            first.append((t, 0, min(hi, cut) - lo))
+        if hi > cut:
+            second.append((t, max(lo, cut) - lo, n))
+        offset = hi
+    return first, second
+
+
+def adam_step(params: Sequence[torch.Tensor], grads: Sequence[torch.Tensor], exp_avgs: Sequence[torch.Tensor],
+              exp_avg_sqs: Sequence[torch.Tensor], steps: Sequence[torch.Tensor], *, lr: float, beta1: float,
+              beta2: float, eps: float, weight_decay: float, decoupled: bool, sums: bool = False) -> np.ndarray | None:
+    """One Adam (``decoupled``: AdamW) step on the tensors, in place; each ``steps`` entry (torch's
+    per-parameter step count, a scalar tensor) is advanced first, as torch does. With ``sums``,
+    returns ``[g_i.g_i..., m_i.m_i..., g_i.m_i...]`` (float64, m before the step): the layout of
+    :func:`~recsys_flowadam.optim.everyday.departure_parts`."""
+    k = kernels()
+    flat = [(p.detach().view(-1).numpy(), g.detach().view(-1).numpy(), m.view(-1).numpy(), v.view(-1).numpy())
+            for p, g, m, v in zip(params, grads, exp_avgs, exp_avg_sqs)]
+    like = flat[0][0].dtype.type
+    scalars = []
+    for step in steps:
+        step += 1
+        n = float(step)
+        step_size = lr / (1.0 - beta1**n)
+        bc2_sqrt = (1.0 - beta2**n) ** 0.5
+        decay = 1.0 - lr * weight_decay if decoupled else 1.0
+        l2 = 0.0 if decoupled else weight_decay
+        scalars.append(tuple(like(x) for x in (beta1, beta2, step_size, bc2_sqrt, eps, decay, l2)))
+
+    def run(pieces: list[tuple[int, int, int]]) -> list[tuple[int, tuple[float, float, float]]]:
+        return [(t, k.adam_range(*flat[t], lo, hi, *scalars[t], sums)) for t, lo, hi in pieces]
+
+    first, second = _halves([len(f[0]) for f in flat])
+    done_first, done_second = in_two(lambda: run(first), lambda: run(second))
+    if not sums:
+        return None
+    out = np.zeros((3, len(flat)), dtype=np.float64)
+    for t, part in done_first + done_second:  # the first half's piece of a tensor, then the second's
+        out[:, t] += part
+    return out.reshape(-1)
+
+
+def _compiled_group(opt: torch.optim.Optimizer, group: dict[str, Any]) -> tuple | None:
+    """``(params, grads, exp_avgs, exp_avg_sqs, steps)`` of ``group`` (torch's state, made as torch
+    makes it) when the compiled pass takes it, else None (torch's step serves)."""
+    if (not group.get("fused") or group["amsgrad"] or group["maximize"] or group["capturable"]
+            or group["differentiable"] or isinstance(group["lr"], torch.Tensor)):
+        return None
+    params = [p for p in group["params"] if p.grad is not None]
+    if not params or not large_enough(params) or any(p.grad.is_sparse for p in params):
+        return None
+    ps, gs, ms, vs, maxs, steps = [], [], [], [], [], []
+    opt._init_group(group, ps, gs, ms, vs, maxs, steps)  # type: ignore[attr-defined]  (torch's own state layout)
+    return (ps, gs, ms, vs, steps) if supports([*ps, *gs, *ms, *vs]) else None
+
+
+class _CompiledCpuStep:
+    """``step`` for torch's Adam and AdamW: when every group asked for the fused kernel
+    (``fused=True``) and qualifies (see the module doc), the compiled pass; else torch's own step."""
+
+    @torch.no_grad()
+    def step(self, closure: Any = None) -> Any:
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        parts = [_compiled_group(self, group) for group in self.param_groups]  # type: ignore[attr-defined]
+        if any(p is None for p in parts):
+            # torch's step, as it is (unwrapped: this step already ran the optimizer's hooks)
+            base = torch.optim.Adam.step
+            getattr(base, "__wrapped__", base)(self)
+            return loss
+        for group, group_parts in zip(self.param_groups, parts):  # type: ignore[attr-defined]
+            beta1, beta2 = group["betas"]
+            adam_step(*group_parts, lr=float(group["lr"]), beta1=beta1, beta2=beta2, eps=group["eps"],
+                      weight_decay=group["weight_decay"], decoupled=bool(group["decoupled_weight_decay"]))
+        return loss
+
+
+class Adam(_CompiledCpuStep, torch.optim.Adam):
+    """``torch.optim.Adam``; with ``fused=True`` on a large CPU model, its step is the compiled pass."""
+
+
+class AdamW(_CompiledCpuStep, torch.optim.AdamW):
+    """``torch.optim.AdamW``; with ``fused=True`` on a large CPU model, its step is the compiled pass."""

@@ -1,0 +1,149 @@
+"""The compiled Adam pass (``optim.fused_adam``): torch's Adam / AdamW to rounding, torch's own
+step wherever it does not apply, numbers independent of the thread count, and FlowAdam E's
+statistics read in the same pass."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from recsys_flowadam import kernel_pool
+from recsys_flowadam.optim import FlowAdam, everyday, fused_adam, make_optimizer
+
+pytestmark = pytest.mark.skipif(fused_adam.kernels() is None, reason="numba is not installed")
+
+
+def _params(dtype=torch.float32, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    return [torch.randn(*shape, generator=gen, dtype=dtype).requires_grad_() for shape in ((37, 5), (11,), (3, 4))]
+
+
+def _run(opt, params, steps=25, seed=1):
+    gen = torch.Generator().manual_seed(seed)
+    for _ in range(steps):
+        for p in params:
+            p.grad = torch.randn(p.shape, generator=gen, dtype=p.dtype)
+        opt.step()
+    return [p.detach().clone() for p in params]
+
+
+def _counting(monkeypatch):
+    calls = []
+    real = fused_adam.adam_step
+    monkeypatch.setattr(fused_adam, "adam_step", lambda *a, **k: calls.append(1) or real(*a, **k))
+    return calls
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("name, cls, weight_decay", [("adam", torch.optim.Adam, 0.0), ("adam", torch.optim.Adam, 0.01),
+                                                     ("adamw", torch.optim.AdamW, 0.05)])
+def test_compiled_pass_is_torchs_adam_to_rounding(monkeypatch, name, cls, weight_decay, dtype):
+    monkeypatch.setattr(fused_adam, "MIN_ELEMENTS", 1)
+    calls = _counting(monkeypatch)
+    ours, ref = _params(dtype), _params(dtype)
+    opt = make_optimizer(name, ours, 0.01, weight_decay=weight_decay, fused=True)
+    got = _run(opt, ours)
+    want = _run(cls(ref, lr=0.01, weight_decay=weight_decay, fused=True), ref)
+    assert len(calls) == 25  # every step took the compiled pass
+    tol = 2e-6 if dtype == torch.float32 else 1e-12
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g, w, rtol=tol, atol=tol)
+    assert all(float(opt.state[p]["step"]) == 25.0 for p in ours)
+
+
+def test_state_dicts_pass_between_the_compiled_pass_and_torch(monkeypatch):
+    monkeypatch.setattr(fused_adam, "MIN_ELEMENTS", 1)
+    ours, ref = _params(), _params()
+    a = make_optimizer("adam", ours, 0.01, fused=True)
+    b = torch.optim.Adam(ref, lr=0.01, fused=True)
+    _run(a, ours, steps=10)
+    _run(b, ref, steps=10)
+    a2 = torch.optim.Adam(ours, lr=0.01, fused=True)  # ours' state, continued by torch
+    a2.load_state_dict(a.state_dict())
+    b2 = make_optimizer("adam", ref, 0.01, fused=True)  # torch's state, continued by ours
+    b2.load_state_dict(b.state_dict())
+    for g, w in zip(_run(a2, ours, steps=10, seed=2), _run(b2, ref, steps=10, seed=2)):
+        torch.testing.assert_close(g, w, rtol=2e-6, atol=2e-6)
+
+
+@pytest.mark.parametrize("options", [{"fused": False}, {"fused": True, "amsgrad": True}, {"fused": True, "small": True},
+                                     {"fused": True, "no_numba": True}])
+def test_everything_else_is_torchs_own_step_bit_for_bit(monkeypatch, options):
+    options = dict(options)
+    if not options.pop("small", False):
+        monkeypatch.setattr(fused_adam, "MIN_ELEMENTS", 1)
+    if options.pop("no_numba", False):
+        monkeypatch.setattr(fused_adam, "_KERNELS", False)
+    calls = _counting(monkeypatch)
+    ours, ref = _params(), _params()
+    got = _run(make_optimizer("adam", ours, 0.01, **options), ours)
+    want = _run(torch.optim.Adam(ref, lr=0.01, **options), ref)
+    assert not calls
+    assert all(torch.equal(g, w) for g, w in zip(got, want))
+
+
+def test_the_numbers_do_not_depend_on_the_thread_count(monkeypatch):
+    monkeypatch.setattr(fused_adam, "MIN_ELEMENTS", 1)
+    runs = []
+    for threads in (1, 2):
+        monkeypatch.setattr(kernel_pool, "KERNEL_THREADS", threads)
+        params = _params()
+        runs.append(_run(make_optimizer("adamw", params, 0.01, weight_decay=0.1, fused=True), params))
+    assert all(torch.equal(a, b) for a, b in zip(*runs))
+
+
+@pytest.mark.parametrize("sizes", [[1], [2], [7], [10, 1], [1, 10], [5, 5], [3, 0, 9, 4], [1000, 1, 1]])
+def test_the_halves_cover_every_element_once(sizes):
+    first, second = fused_adam._halves(sizes)
+    covered = [np.zeros(n, dtype=int) for n in sizes]
+    for t, lo, hi in first + second:
+        assert 0 <= lo < hi <= sizes[t]
+        covered[t][lo:hi] += 1
+    assert all((c == 1).all() for c in covered)
+    n_first = sum(hi - lo for _, lo, hi in first)
+    assert n_first == sum(sizes) // 2
+
+
+def test_the_sums_are_departure_parts_of_the_gradient_and_the_moment_before_the_step(monkeypatch):
+    params = _params(torch.float64)
+    gen = torch.Generator().manual_seed(5)
+    grads = [torch.randn(p.shape, generator=gen, dtype=p.dtype) for p in params]
+    ms = [torch.randn(p.shape, generator=gen, dtype=p.dtype) for p in params]
+    vs = [torch.rand(p.shape, generator=gen, dtype=p.dtype) for p in params]
+    want = everyday.departure_parts(grads, ms)
+    steps = [torch.tensor(3.0) for _ in params]
+    got = fused_adam.adam_step(params, grads, ms, vs, steps, lr=0.01, beta1=0.9, beta2=0.999, eps=1e-8,
+                               weight_decay=0.0, decoupled=True, sums=True)
+    np.testing.assert_allclose(got, want, rtol=1e-12)
+    assert all(float(s) == 4.0 for s in steps)
+
+
+def _plateau_run(compiled: bool, monkeypatch):
+    """FlowAdam E down a slope onto a plateau (softplus, float64): its plateau trigger fires."""
+    monkeypatch.setattr(fused_adam, "MIN_ELEMENTS", 1 if compiled else 10**12)
+    x = torch.full((10,), 3.0, dtype=torch.float64, requires_grad=True)
+    opt = FlowAdam([x], lr=0.05, mode="E")
+
+    def closure():
+        opt.zero_grad()
+        loss = torch.nn.functional.softplus(50 * (x - 1)).sum() / 50
+        loss.backward()
+        return loss
+
+    for _ in range(120):
+        opt.step(closure)
+    return x.detach().clone(), opt.diagnostics()
+
+
+def test_flowadam_e_takes_the_same_steps_and_decisions_with_the_compiled_pass(monkeypatch):
+    calls = _counting(monkeypatch)
+    x_torch, diag_torch = _plateau_run(False, monkeypatch)
+    assert not calls
+    x_ours, diag_ours = _plateau_run(True, monkeypatch)
+    assert calls  # the compiled pass ran (with the statistics), and the ODE branch fired too
+    assert diag_ours == diag_torch and diag_ours["plateau_triggers"] > 0
+    torch.testing.assert_close(x_ours, x_torch, rtol=1e-10, atol=1e-12)
+    assert math.isfinite(float(x_ours.sum()))
