@@ -217,3 +217,27 @@ def test_the_service_imports_the_rule_without_torch() -> None:
     code = ("import sys, recsys_flowadam.serve.app, recsys_flowadam.models.prediction; "
             "assert 'torch' not in sys.modules, 'torch imported'")
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_row_dots_compiled_on_cpu_tensors_is_the_gathered_product(dtype) -> None:
+    from recsys_flowadam.models import fused_cpu
+    from recsys_flowadam.models.prediction import row_dots
+
+    if not fused_cpu.available():
+        pytest.skip("numba is not installed")
+    gen = torch.Generator().manual_seed(0)
+    P, Q = torch.randn(50, 7, generator=gen, dtype=dtype), torch.randn(30, 7, generator=gen, dtype=dtype)
+    for index_dtype in (torch.int64, torch.int32):
+        a = torch.randint(0, 50, (999,), generator=gen).to(index_dtype)
+        b = torch.randint(0, 30, (999,), generator=gen).to(index_dtype)
+        compiled = fused_cpu.row_dots(P, Q, a, b)
+        gathered = (P[a.long()] * Q[b.long()]).sum(1)
+        assert compiled is not None and compiled.dtype == dtype
+        torch.testing.assert_close(compiled, gathered, rtol=1e-6, atol=1e-6)
+        torch.testing.assert_close(row_dots(P, Q, a, b), gathered, rtol=1e-6, atol=1e-6)
+    with pytest.raises(IndexError, match="outside the factor tables"):
+        fused_cpu.row_dots(P, Q, torch.tensor([50]), torch.tensor([0]))
+    assert fused_cpu.row_dots(P, Q.float() if dtype == torch.float64 else Q.double(), a, b) is None  # mixed: gather
+    np.testing.assert_allclose(row_dots(P.numpy(), Q.numpy(), a.numpy(), b.numpy()), gathered.numpy(), rtol=1e-6,
+                               atol=1e-6)

@@ -488,6 +488,29 @@ def test_an_improvement_must_beat_the_best_by_more_than_min_delta(monkeypatch):
     assert record == [(1.0, 1, 0), (1.0, 1, 1), (1.0, 1, 2), (0.5, 4, 0)]
 
 
+def test_the_best_snapshot_is_the_best_steps_parameters_in_buffers_made_once(monkeypatch):
+    from recsys_flowadam.train.loop_state import LoopState
+
+    e, params = _evaluator(monkeypatch, [1.0, 0.9, 0.95, 0.8, 0.85], eval_every=1)
+    st, buffers = LoopState(), []
+    for step in range(1, 5):
+        st.step = step
+        params["user_factors"] += 1.0
+        e.validate(st)
+        buffers.append(e.best["user_factors"])
+    assert st.best_step == 4 and torch.equal(e.best["user_factors"], torch.full((2,), 4.0, dtype=F64))
+    assert all(b is buffers[0] for b in buffers)  # copied into, not made anew
+    assert e.best["user_factors"] is not params["user_factors"]
+    params["user_factors"] += 1.0  # the snapshot is a copy: training on does not move it
+    assert torch.equal(e.best["user_factors"], torch.full((2,), 4.0, dtype=F64))
+    e.restore_snapshot({"user_factors": torch.full((2,), 2.0, dtype=F64)})  # a checkpoint's snapshot
+    st.step = 5
+    e.validate(st)  # 0.85: no improvement
+    assert torch.equal(e.best["user_factors"], torch.full((2,), 2.0, dtype=F64))
+    e.finish(st)
+    assert torch.equal(params["user_factors"], torch.full((2,), 2.0, dtype=F64))
+
+
 def test_the_evaluator_asks_its_agreement_with_the_loop_state(monkeypatch):
     from recsys_flowadam.train.evaluator import Evaluator, LocalStop
     from recsys_flowadam.train.loop_state import LoopState

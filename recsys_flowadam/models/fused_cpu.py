@@ -48,7 +48,8 @@ def _kernels() -> dict[str, Any] | None:
         except ImportError:  # no numba: the torch path serves instead
             _KERNELS = {}
             return None
-        _KERNELS = {"data_term": fused_kernels.data_term, "penalty_init": fused_kernels.penalty_init}
+        _KERNELS = {"data_term": fused_kernels.data_term, "penalty_init": fused_kernels.penalty_init,
+                    "row_dots": fused_kernels.row_dots}
     return _KERNELS or None
 
 
@@ -127,6 +128,22 @@ def loss_and_grad(params: dict[str, torch.Tensor], batch: Coords, objective: Obj
         dbi += dbi_second
     loss = torch.tensor(data + user_penalty + total, dtype=params["user_factors"].dtype)
     return (loss, grads, g) if with_g else (loss, grads)
+
+
+def row_dots(P: torch.Tensor, Q: torch.Tensor, rows_p: torch.Tensor, rows_q: torch.Tensor) -> torch.Tensor | None:
+    """``(P[rows_p] * Q[rows_q]).sum(1)`` in one compiled pass, without the two (n, rank) gathers
+    (validation of 100k ratings at rank 50: about 2 against 20 ms); None where it does not apply
+    (not CPU, other dtypes, no numba): the caller gathers then."""
+    k = _kernels()
+    if (k is None or P.device.type != "cpu" or Q.device != P.device or rows_p.device != P.device
+            or rows_q.device != P.device or P.dtype not in (torch.float32, torch.float64) or Q.dtype != P.dtype
+            or P.dim() != 2 or Q.dim() != 2 or P.shape[1] != Q.shape[1] or rows_p.dim() != 1
+            or rows_p.shape != rows_q.shape or rows_p.dtype not in (torch.int32, torch.int64)
+            or rows_q.dtype != rows_p.dtype):
+        return None
+    out = np.empty(rows_p.shape[0], dtype=_np(P).dtype)
+    k["row_dots"](_np(P.contiguous()), _np(Q.contiguous()), _np(rows_p.contiguous()), _np(rows_q.contiguous()), out)
+    return torch.from_numpy(out)
 
 
 def median_user(users: np.ndarray, n_users: int) -> int:

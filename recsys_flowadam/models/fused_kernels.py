@@ -150,3 +150,17 @@ def penalty_init(P, G, w, lam):
             G[row, f] = 2.0 * c * p
         total += c * s
     return total
+
+
+@jit
+def row_dots(P, Q, rows_p, rows_q, out):
+    """``out[k] = P[rows_p[k]] . Q[rows_q[k]]`` (every row index checked), summed in P's dtype."""
+    n_p, n_q = P.shape[0], Q.shape[0]
+    for k in range(out.shape[0]):
+        a, b = rows_p[k], rows_q[k]
+        if a < 0 or a >= n_p or b < 0 or b >= n_q:
+            raise IndexError("a row index lies outside the factor tables")
+        s = P.dtype.type(0.0)
+        for f in range(P.shape[1]):
+            s += P[a, f] * Q[b, f]
+        out[k] = s

@@ -62,6 +62,19 @@ def take_rows(x: Array, indices: Array) -> Array:
     return x.index_select(0, indices)
 
 
+def row_dots(P: Array, Q: Array, rows_p: Array, rows_q: Array) -> Array:
+    """``sum_k P[rows_p, k] Q[rows_q, k]``. CPU tensors (training's validation, ``evaluate``) take
+    one compiled pass (``models.fused_cpu.row_dots``: no (n, rank) gathers, about 10x faster);
+    numpy arrays (the service, which does not load numba for it) and other devices gather."""
+    if array_namespace(P) is not np:
+        from recsys_flowadam.models.fused_cpu import row_dots as compiled
+
+        out = compiled(P, Q, rows_p, rows_q)
+        if out is not None:
+            return out
+    return (take_rows(P, rows_p) * take_rows(Q, rows_q)).sum(1)
+
+
 def seen_mask(indices: Array, n: int) -> Array:
     """Bool mask of length ``n``: which of ``0..n-1`` occur in ``indices`` (non-negative ints)."""
     return array_namespace(indices).bincount(indices, minlength=n) > 0
@@ -115,11 +128,12 @@ class RatingRule:
         xp = array_namespace(p["user_factors"])
         su, si = self.known(users, items)
         u, i = users.clip(min=0), items.clip(min=0)  # cold rows are gathered but not used
-        prod = take_rows(p["user_factors"], u) * take_rows(p["item_factors"], i)
         if "context_factors" in p:
+            prod = take_rows(p["user_factors"], u) * take_rows(p["item_factors"], i)
             w = take_rows(p["context_factors"], contexts) if contexts is not None else p["context_factors"].mean(0)
-            prod = prod * w
-        pred = prod.sum(1) + self.offset
+            pred = (prod * w).sum(1) + self.offset
+        else:
+            pred = row_dots(p["user_factors"], p["item_factors"], u, i) + self.offset
         cold = ~(su & si)
         if "user_bias" in p:
             bu, bi = take_rows(p["user_bias"], u), take_rows(p["item_bias"], i)
