@@ -168,7 +168,7 @@ def test_lazy_adam_without_batch_size_picks_its_batches_by_size(monkeypatch):
     res = train_model(train, val, cfg)  # small data: 80 batches a pass at the configured rate, no schedule
     choice = res.path_choice
     assert res.representation == "minibatch" and "lazy-adam steps on mini-batches" in choice["reason"]
-    assert choice["batch_size"] == round(len(train) / path_choice.BATCHES_PER_EPOCH)
+    assert choice["batch_size"] == round(len(train) / path_choice.SMALL_BATCHES_PER_EPOCH)
     assert choice["lr_half_life_steps"] is None and choice["eval_every"] == 40
     monkeypatch.setattr(path_choice, "MINIBATCH_MIN_RATINGS", 1000)  # counted as large: the automatic schedule
     big = train_model(train, val, cfg).path_choice

@@ -157,9 +157,9 @@ def test_default_scatter_method_and_make_path():
 
 
 def test_auto_batch_size_is_a_bounded_share_of_the_ratings():
-    assert auto_batch_size(10_000_000) == 125_000  # 1/80 of the ratings
+    assert auto_batch_size(10_000_000) == 200_000  # 1/50 of the ratings
     assert auto_batch_size(100_000_000) == path_choice.MAX_AUTO_BATCH
-    assert auto_batch_size(3_000_000) == 37_500
+    assert auto_batch_size(3_000_000) == 60_000
     assert auto_batch_size(500_000) == path_choice.MIN_AUTO_BATCH
     assert auto_batch_size(1_000) == 1_000  # never more than the ratings
 
@@ -187,8 +187,8 @@ def test_choose_path_large_data_takes_minibatches():
 
     choice = choose_path(spec, n, cpu, optimizer="adam", duplicates=never)
     assert choice == path_choice.auto_minibatch(n, cpu, choice.reason.split(": mini-batches of")[0])
-    assert (choice.representation, choice.batch_size) == ("minibatch", 125_000)
-    assert f"{n:,} training ratings" in choice.reason and "mini-batches of 125,000" in choice.reason
+    assert (choice.representation, choice.batch_size) == ("minibatch", 200_000)
+    assert f"{n:,} training ratings" in choice.reason and "mini-batches of 200,000" in choice.reason
     assert "one torch thread" in choice.reason  # on the CPU
     assert PathChoice(**choice.to_dict()) == choice  # a refit takes the first run's choice from its dict
     # L-BFGS needs full batches: CSR, whatever the size
