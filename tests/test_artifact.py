@@ -354,3 +354,30 @@ def test_empty_training_set_loads(tmp_path: Path) -> None:
     tensors["train_items"] = np.zeros(0, np.int64)
     art = load_artifact(save_artifact(tmp_path / "m", tensors, meta))
     assert art.tensors["train_items"].shape == (0,)
+
+
+def test_train_csr_compiled_and_sorted_agree_on_every_row():
+    from recsys_flowadam.data.ratings import Ratings, RatingScale
+    from recsys_flowadam.models import fused_cpu
+    from recsys_flowadam.train import export
+
+    rng = np.random.default_rng(3)
+    cells = rng.choice(40 * 30, size=500, replace=False)  # distinct pairs; users 37..39 and some items unrated
+    users, items = cells // 30, cells % 30
+    keep = users < 37
+    ratings = Ratings(name="t", users=users[keep], items=items[keep], values=np.ones(int(keep.sum()), np.float32),
+                      user_ids=np.array([str(k) for k in range(40)], dtype=object),
+                      item_ids=np.array([str(k) for k in range(30)], dtype=object), scale=RatingScale(1, 5))
+    indptr, indices = export.train_csr(ratings)
+    assert indptr[0] == 0 and indptr[-1] == len(ratings) and (np.diff(indptr)[37:] == 0).all()
+    for u in range(40):
+        row = indices[indptr[u]:indptr[u + 1]]
+        assert row.tolist() == sorted(ratings.items[ratings.users == u].tolist())
+    if fused_cpu.available():  # the compiled pass and the key sort give the same arrays
+        from recsys_flowadam.models.fused_kernels import csr_of_pairs
+
+        width = 30
+        keys = np.sort(ratings.users * width + ratings.items)
+        assert np.array_equal(indices, keys % width) and indices.dtype == np.int64
+        with pytest.raises(IndexError, match="outside"):
+            csr_of_pairs(np.array([40]), np.array([0]), 40, 30)

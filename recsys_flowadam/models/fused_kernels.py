@@ -164,3 +164,39 @@ def row_dots(P, Q, rows_p, rows_q, out):
         for f in range(P.shape[1]):
             s += P[a, f] * Q[b, f]
         out[k] = s
+
+
+@jit
+def csr_of_pairs(users, items, n_users, n_items):
+    """``(indptr, indices)``: the CSR of the (user, item) pairs, items ascending within each user.
+
+    Two counting sorts, O(n + n_users + n_items): the users by item, then those stably by user,
+    reading them in item order (sequential reads; the writes go to one position per user). A sort
+    of ``user * n_items + item`` keys took 0.3-0.4 s at 9M pairs, and four arrays of their size."""
+    n = users.shape[0]
+    start = np.zeros(n_items + 1, dtype=np.int64)
+    indptr = np.zeros(n_users + 1, dtype=np.int64)
+    for k in range(n):
+        u, i = users[k], items[k]
+        if u < 0 or u >= n_users or i < 0 or i >= n_items:
+            raise IndexError("a pair's index lies outside 0..n_users-1 or 0..n_items-1")
+        start[i + 1] += 1
+        indptr[u + 1] += 1
+    for i in range(n_items):
+        start[i + 1] += start[i]
+    for u in range(n_users):
+        indptr[u + 1] += indptr[u]
+    fill = start[:-1].copy()
+    by_item = np.empty(n, dtype=np.int32)  # each pair's user, in item order (n_users < 2**31: the caller checks)
+    for k in range(n):
+        i = items[k]
+        by_item[fill[i]] = users[k]
+        fill[i] += 1
+    at = indptr[:-1].copy()
+    indices = np.empty(n, dtype=np.int64)
+    for i in range(n_items):
+        for j in range(start[i], start[i + 1]):
+            u = by_item[j]
+            indices[at[u]] = i
+            at[u] += 1
+    return indptr, indices

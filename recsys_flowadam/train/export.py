@@ -14,6 +14,7 @@ import numpy as np
 import torch
 
 from recsys_flowadam.data.ratings import Ratings
+from recsys_flowadam.page_policy import small_pages
 from recsys_flowadam.safe_write import atomic_write, json_safe
 from recsys_flowadam.train.trainer import TrainResult
 
@@ -21,7 +22,15 @@ HISTORY_NAME = "metrics.jsonl"
 
 
 def train_csr(train: Ratings) -> tuple[np.ndarray, np.ndarray]:
-    """CSR row pointer and column indices (items sorted within each user) of the training ratings."""
+    """CSR row pointer and column indices (items sorted within each user) of the training ratings:
+    two counting sorts in one compiled pass where numba is (``models.fused_kernels.csr_of_pairs``:
+    0.1 against 0.3-0.4 s at 9M ratings), else one sort of combined keys."""
+    from recsys_flowadam.models import fused_cpu
+
+    if fused_cpu.available() and train.n_users < 2**31:
+        from recsys_flowadam.models.fused_kernels import csr_of_pairs
+
+        return csr_of_pairs(train.users, train.items, train.n_users, train.n_items)
     width = np.int64(max(train.n_items, 1))  # one sort of user * width + item: 10x lexsort's speed at 10M
     keys = np.sort(train.users.astype(np.int64) * width + train.items)
     counts = np.bincount(train.users, minlength=train.n_users)
@@ -48,7 +57,8 @@ def artifact_payload(
 ) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
     """``(tensors, meta)`` for :func:`recsys_flowadam.artifact.save_artifact`."""
     tensors = {name: t.detach().to("cpu", dtype=torch.float32).numpy() for name, t in result.params.items()}
-    tensors["train_indptr"], tensors["train_items"] = train_csr(train)
+    with small_pages():
+        tensors["train_indptr"], tensors["train_items"] = train_csr(train)
     meta = {
         "model_type": result.spec.model_type,
         "rank": result.spec.rank,

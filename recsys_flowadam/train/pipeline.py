@@ -14,6 +14,7 @@ import torch
 
 from recsys_flowadam.data.ratings import Ratings
 from recsys_flowadam.artifact import check_artifact_target
+from recsys_flowadam.page_policy import small_pages
 from recsys_flowadam.train.checkpoint import CHECKPOINT_NAME
 from recsys_flowadam.train.export import HISTORY_NAME, artifact_payload, write_history
 from recsys_flowadam.train.config import TrainConfig
@@ -182,7 +183,16 @@ def fit_and_score(train: Ratings, val: Ratings | None, config: TrainConfig, *,
     """Choose an unset ``reg`` on ``val`` (``reg_search``), train (early-stopping on ``val``), score
     the validation part, refit when asked: the part of the ``train`` command after the data is
     loaded, shared with ``cv`` and the Python API. The search's best run is the first run, unless
-    checkpoints or ``on_step`` are asked for: then the chosen value is trained again with them."""
+    checkpoints or ``on_step`` are asked for: then the chosen value is trained again with them.
+    Fresh arrays go on small pages where huge pages stall (``page_policy``)."""
+    with small_pages():
+        return _fit_and_score(train, val, config, checkpoint_path=checkpoint_path, resume=resume, progress=progress,
+                              on_step=on_step, data_identity=data_identity)
+
+
+def _fit_and_score(train: Ratings, val: Ratings | None, config: TrainConfig, *, checkpoint_path: Path | None,
+                   resume: bool, progress: bool, on_step: Callable[[int], None] | None,
+                   data_identity: dict[str, Any] | None) -> Fit:
     from recsys_flowadam.train.distributed import current as current_distributed
     from recsys_flowadam.train.reg_search import choose_reg
 
