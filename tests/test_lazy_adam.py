@@ -219,3 +219,29 @@ def test_slotted_source_epochs_visit_every_batch_in_a_new_order():
     epochs = [[source.next(state).index for _ in range(6)] for _ in range(3)]
     assert all(sorted(e) == list(range(6)) for e in epochs)
     assert len({tuple(e) for e in epochs}) > 1 and state.epoch == 3
+
+
+@pytest.mark.parametrize("n, batch_size", [(10, 3), (1000, 3), (601, 100), (5, 5)])
+def test_random_batches_are_a_seeded_partition_into_ascending_blocks(n, batch_size):
+    from recsys_flowadam.train.batches import random_batches
+
+    order = random_batches(n, batch_size, torch.Generator().manual_seed(4))
+    assert np.array_equal(np.sort(order), np.arange(n))  # every rating once (1000 / 3: 334 labels, two bytes)
+    blocks = [order[b:b + batch_size] for b in range(0, n, batch_size)]
+    assert all((np.diff(block) > 0).all() for block in blocks)
+    assert np.array_equal(order, random_batches(n, batch_size, torch.Generator().manual_seed(4)))
+    if n > batch_size:
+        assert not np.array_equal(order, random_batches(n, batch_size, torch.Generator().manual_seed(5)))
+
+
+def test_random_batches_put_each_rating_in_each_batch_about_equally_often():
+    from recsys_flowadam.train.batches import random_batches
+
+    n, batch_size, runs = 40, 10, 2000
+    hits = np.zeros((n, 4))
+    gen = torch.Generator().manual_seed(0)
+    for _ in range(runs):
+        order = random_batches(n, batch_size, gen)
+        hits[order, np.arange(n) // batch_size] += 1
+    share = hits / runs  # 1/4 each; binomial sd 0.0097 per cell
+    assert np.abs(share - 0.25).max() < 0.05

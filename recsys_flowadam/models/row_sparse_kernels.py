@@ -15,6 +15,43 @@ jit = numba.njit(cache=True, nogil=True, fastmath={"reassoc", "contract", "nsz",
 
 
 @jit
+def shuffle_labels(labels, seed):
+    """Fisher-Yates shuffle of ``labels`` in place, driven by xorshift64* from ``seed`` (any int).
+
+    Why not ``torch.randperm``: the layout needs only which batch each rating joins, so it shuffles
+    batch labels (one byte or two each: the array stays in cache) instead of a permutation of all
+    the ratings (4 bytes each, walked at random): 0.04 against 0.23 s at 9M ratings. The index is
+    taken from the high bits of a 64-bit product (Lemire's method without the rejection step: a
+    bias below n / 2^32 per draw, immaterial for cutting batches)."""
+    s = np.uint64(seed) ^ np.uint64(0x9E3779B97F4A7C15)
+    if s == 0:
+        s = np.uint64(1)
+    for k in range(labels.shape[0] - 1, 0, -1):
+        s ^= s >> np.uint64(12)
+        s ^= s << np.uint64(25)
+        s ^= s >> np.uint64(27)
+        r = (s * np.uint64(2685821657736338717)) >> np.uint64(32)
+        j = np.int64((r * np.uint64(k + 1)) >> np.uint64(32))
+        t = labels[k]
+        labels[k] = labels[j]
+        labels[j] = t
+
+
+@jit
+def order_by_label(labels, n_labels, order):
+    """``order``: the positions ``0..n-1`` grouped by label, ascending within each (a counting sort)."""
+    start = np.zeros(n_labels + 1, dtype=np.int64)
+    for k in range(labels.shape[0]):
+        start[np.int64(labels[k]) + 1] += 1
+    for b in range(n_labels):
+        start[b + 1] += start[b]
+    for k in range(labels.shape[0]):
+        b = np.int64(labels[k])
+        order[start[b]] = k
+        start[b] += 1
+
+
+@jit
 def lay_out_batches(users, items, values, perm, batch_size, n_users, n_items, first, last, out_users, out_items,
                     out_values):
     """Batches ``first <= b < last`` of the layout: batch ``b`` holds the ratings ``perm[b * batch_size:

@@ -466,7 +466,7 @@ def train_model(
     lr_decay = None if choice.lr_half_life_steps is None else LrDecay(
         opt, choice.lr_half_life_steps, choice.lr_scale, choice.lr_hold_steps)
     ckpt = Path(checkpoint_path) if checkpoint_path is not None else None
-    resolved = {"init_std": init_std} | ({"minibatch_order": "cut once, reordered every epoch" if laid_out
+    resolved = {"init_std": init_std} | ({"minibatch_order": "cut once by shuffled labels, reordered every epoch" if laid_out
                                            else "reshuffled every epoch"} if choice.representation == "minibatch"
                                           else {})
     fp = (fingerprint(config, train, data.world_size, data_identity, resolved)
