@@ -378,3 +378,28 @@ def test_time_bins_do_not_count_as_grid_cells():
     assert grid_cells(timed) == grid_cells(plain) == 1200
     assert estimate_bytes("dense", timed, 500) == estimate_bytes("dense", plain, 500)
     assert grid_cells(ModelSpec("cp", 40, 30, 5, n_contexts=8)) == 9600
+
+
+@pytest.mark.parametrize("halves", [False, True])
+def test_fused_kernel_on_ratings_grouped_by_user_matches_autograd(monkeypatch, halves):
+    """Laid-out batches come grouped by user: the kernel reads their segments in place instead of
+    sorting them (models.fused_kernels.user_segments); the numbers are the shuffled batch's."""
+    from recsys_flowadam.models import fused_cpu
+
+    if not fused_cpu.available():
+        pytest.skip("numba is not installed")
+    if halves:
+        monkeypatch.setattr(fused_cpu, "PARALLEL_MIN_RATINGS", 0)
+    spec, coords, params = _problem("biased-mf", None)
+    obj = Objective(reg=0.05, bias_reg=0.01, offset=1.0)
+    grouped = coords.select(torch.argsort(coords.users, stable=True))
+    assert bool((grouped.users[1:] >= grouped.users[:-1]).all()) and not bool((coords.users[1:] >= coords.users[:-1]).all())
+    path = MiniBatchPath(coords, obj, scatter="fused")
+    ref_loss, ref_grads = AutogradPath(coords, obj).loss_and_grad(params, grouped)
+    loss, grads = path.loss_and_grad(params, grouped)
+    shuffled_loss, shuffled_grads = path.loss_and_grad(params, coords)
+    assert abs(float(loss) - float(ref_loss)) <= 1e-10 * abs(float(ref_loss))
+    assert float(loss) == pytest.approx(float(shuffled_loss), rel=1e-12)
+    for name in params:
+        assert _rel(grads[name], ref_grads[name]) <= 1e-10, name
+        assert _rel(grads[name], shuffled_grads[name]) <= 1e-12, name

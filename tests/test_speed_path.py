@@ -316,3 +316,13 @@ def test_large_automatic_run_folds_most_of_val_into_one_run(monkeypatch):
     monkeypatch.setattr(path_choice, "MINIBATCH_MIN_RATINGS", 1000)
     monkeypatch.setattr(path_choice, "EVAL_SAMPLE", 300)  # no more val than the sample: nothing to fold
     assert fold_validation(train, val, config)[2] is None
+
+
+def test_values_std_is_numpys_in_float64_across_chunks():
+    from recsys_flowadam.train.problem import values_std
+
+    values = np.random.default_rng(0).normal(3.5, 1.1, 10_001).astype(np.float32)
+    for chunk in (7, 1000, 1 << 20):
+        assert values_std(values, chunk=chunk) == pytest.approx(float(values.astype(np.float64).std()), rel=1e-12)
+    assert values_std(np.array([2.0], np.float32)) == 0.0
+    assert np.isnan(values_std(np.empty(0, np.float32)))

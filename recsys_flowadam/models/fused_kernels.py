@@ -12,18 +12,29 @@ jit = numba.njit(cache=True, nogil=True, fastmath={"reassoc", "contract", "nsz",
 
 @jit
 def user_segments(users, n_users, u_lo=0, u_hi=-1):
-    """``(start, order)``: the positions of the ratings of users ``u_lo <= u < u_hi`` (``u_hi`` -1:
-    all users) grouped by user (a counting sort, O(m + n_users)); user ``u``'s ratings are
-    ``order[start[u]:start[u + 1]]``. Every rating's user index is checked."""
+    """``(start, order, offset)``: the positions of the ratings of users ``u_lo <= u < u_hi`` (``u_hi``
+    -1: all users) grouped by user; user ``u``'s ratings are ``order[start[u]:start[u + 1]]``, or,
+    where the ratings already come grouped by user (``offset >= 0``: laid-out batches), positions
+    ``offset + start[u]`` to ``offset + start[u + 1]`` and ``order`` is empty (no sort to write).
+    A counting sort, O(m + n_users), otherwise. Every rating's user index is checked."""
     hi = n_users if u_hi < 0 else u_hi
     start = np.zeros(n_users + 1, dtype=np.int64)
+    grouped = True
+    below = 0
     for k in range(users.shape[0]):
-        if users[k] < 0 or users[k] >= n_users:  # the kernels run without bounds checks
+        u = users[k]
+        if u < 0 or u >= n_users:  # the kernels run without bounds checks
             raise IndexError("a rating's user index lies outside the factor tables")
-        if u_lo <= users[k] < hi:
-            start[users[k] + 1] += 1
+        if k > 0 and u < users[k - 1]:
+            grouped = False
+        if u < u_lo:
+            below += 1
+        elif u < hi:
+            start[u + 1] += 1
     for u in range(n_users):
         start[u + 1] += start[u]
+    if grouped:
+        return start, np.empty(0, dtype=np.int64), below
     fill = start[:-1].copy()
     order = np.empty(start[n_users], dtype=np.int64)
     for k in range(users.shape[0]):
@@ -31,7 +42,7 @@ def user_segments(users, n_users, u_lo=0, u_hi=-1):
         if u_lo <= u < hi:
             order[fill[u]] = k
             fill[u] += 1
-    return start, order
+    return start, order, -1
 
 
 @jit
@@ -83,7 +94,7 @@ def data_term(users, items, values, U, V, bu, bi, offset, huber, delta, scale, d
     for k in range(m):
         if items[k] < 0 or items[k] >= n_items:
             raise IndexError("a rating's item index lies outside the factor tables")
-    start, order = user_segments(users, n_users, u_lo, u_hi)
+    start, order, at = user_segments(users, n_users, u_lo, u_hi)  # at >= 0: laid out, no order
     u_row = np.empty(rank, dtype=U.dtype)
     g_row = np.empty(rank, dtype=U.dtype)
     total = 0.0
@@ -106,7 +117,7 @@ def data_term(users, items, values, U, V, bu, bi, offset, huber, delta, scale, d
             g_b = two * c_b * b
             penalty += float(c_b) * float(b) * float(b)
         for j in range(start[u], start[u + 1]):
-            k = order[j]
+            k = at + j if at >= 0 else order[j]
             i = items[k]
             pred = offset + b + items_rows[i, rank]
             if has_extra:

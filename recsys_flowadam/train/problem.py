@@ -11,6 +11,7 @@ import math
 import os
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 from recsys_flowadam.data.ratings import Ratings, RatingScale
@@ -126,7 +127,7 @@ def build_problem(train: Ratings, config: TrainConfig, device: torch.device) -> 
     coords = (coords_from_ratings(train, device=device, dtype=dtype, use_contexts=is_cp) if axis is None
               else time_coords(train, device=device, dtype=dtype))
     implicit = implicit_of(spec, coords) if spec.has_implicit else None
-    rating_std = float(train.values.std())
+    rating_std = values_std(train.values)
     objective = Objective(reg=config.reg_for(rating_std), bias_reg=config.effective_bias_reg,
                           loss=config.loss,
                           huber_delta=config.huber_delta, offset=train.mean if center else 0.0,
@@ -134,6 +135,20 @@ def build_problem(train: Ratings, config: TrainConfig, device: torch.device) -> 
     return Problem(spec, objective, coords, train.mean, train.scale,
                    *seen_in_training(coords.users, coords.items, spec.n_users, spec.n_items),
                    device=device, dtype=dtype, rating_std=rating_std, implicit=implicit)
+
+
+def values_std(values: np.ndarray, chunk: int = 1 << 20) -> float:
+    """The standard deviation of ``values``, summed in float64 a chunk at a time: numpy's ``std`` of
+    float32 writes a deviation array as large as the ratings (fresh memory) and took 0.12 s at 9M."""
+    n = len(values)
+    if n == 0:
+        return float("nan")
+    mean = float(values.mean(dtype=np.float64))
+    total = 0.0
+    for start in range(0, n, chunk):
+        d = values[start:start + chunk].astype(np.float64) - mean
+        total += float(np.dot(d, d))
+    return math.sqrt(total / n)
 
 
 def _time_bins(config: TrainConfig, train: Ratings) -> int:
