@@ -116,7 +116,7 @@ class Recommender:
         from recsys_flowadam.serve.scorer import Scorer
 
         self.artifact_ = artifact
-        self.scorer_ = Scorer(artifact)
+        self.scorer_ = Scorer(artifact, lazy=True)  # recommend's training matrix on its first call
         self.n_users_ = artifact.meta.n_users
         self.n_items_ = artifact.meta.n_items
         id_types = artifact.meta.train_config.get("id_types") or {}

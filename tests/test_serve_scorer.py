@@ -166,3 +166,22 @@ def test_agrees_with_the_trainers_evaluation(art) -> None:
     ours = Scorer(art).predict_indices(u, i)
     np.testing.assert_allclose(ours.ratings, theirs.double().numpy(), atol=1e-5)
     assert (cold.numpy() == ~(ours.known_user & ours.known_item)).all() and cold.any() and not cold.all()
+
+
+def test_a_lazy_scorer_builds_the_training_matrix_once_on_first_use(art) -> None:
+    import threading
+
+    eager, lazy = Scorer(art), Scorer(art, lazy=True)
+    assert eager._train is not None and lazy._train is None
+    user = art.meta.user_ids[0]
+    ids, ratings = lazy.recommend(user, k=5)
+    want_ids, want_ratings = eager.recommend(user, k=5)
+    assert np.array_equal(ids, want_ids) and np.array_equal(ratings, want_ratings)
+    assert lazy._train is not None and (lazy.train != eager.train).nnz == 0
+    fresh, built = Scorer(art, lazy=True), []
+    threads = [threading.Thread(target=lambda: built.append(fresh.train)) for _ in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len(built) == 8 and all(b is built[0] for b in built)  # made once, whoever asked first
