@@ -222,26 +222,41 @@ def test_slotted_source_epochs_visit_every_batch_in_a_new_order():
 
 
 @pytest.mark.parametrize("n, batch_size", [(10, 3), (1000, 3), (601, 100), (5, 5)])
-def test_random_batches_are_a_seeded_partition_into_ascending_blocks(n, batch_size):
-    from recsys_flowadam.train.batches import random_batches
+def test_random_batch_labels_are_a_seeded_partition_and_lay_out_like_their_permutation(n, batch_size):
+    from recsys_flowadam.train.batches import random_batch_labels
 
-    order = random_batches(n, batch_size, torch.Generator().manual_seed(4))
-    assert np.array_equal(np.sort(order), np.arange(n))  # every rating once (1000 / 3: 334 labels, two bytes)
-    blocks = [order[b:b + batch_size] for b in range(0, n, batch_size)]
-    assert all((np.diff(block) > 0).all() for block in blocks)
-    assert np.array_equal(order, random_batches(n, batch_size, torch.Generator().manual_seed(4)))
+    labels = random_batch_labels(n, batch_size, torch.Generator().manual_seed(4))
+    n_batches = -(-n // batch_size)
+    sizes = np.bincount(labels, minlength=n_batches)  # 1000 / 3: 334 labels, two bytes each
+    assert len(sizes) == n_batches and (sizes[:-1] == batch_size).all() and sizes[-1] == n - batch_size * (n_batches - 1)
+    assert np.array_equal(labels, random_batch_labels(n, batch_size, torch.Generator().manual_seed(4)))
     if n > batch_size:
-        assert not np.array_equal(order, random_batches(n, batch_size, torch.Generator().manual_seed(5)))
+        assert not np.array_equal(labels, random_batch_labels(n, batch_size, torch.Generator().manual_seed(5)))
+    # laid out from the labels = laid out from the permutation that lists each batch's ratings in order
+    coords = _coords(n=n, crowd=True)
+    perm = torch.from_numpy(np.argsort(labels, kind="stable"))
+    by_labels = SlottedRatings(coords, batch_size, None, (40, 25), torch.float32, labels=labels)
+    by_perm = SlottedRatings(coords, batch_size, perm, (40, 25), torch.float32)
+    assert all(np.array_equal(getattr(by_labels, a), getattr(by_perm, a)) for a in ("users", "items", "values", "starts"))
 
 
-def test_random_batches_put_each_rating_in_each_batch_about_equally_often():
-    from recsys_flowadam.train.batches import random_batches
+def test_slotted_ratings_refuse_bad_cuts():
+    coords = _coords(n=50, crowd=True)
+    with pytest.raises(ValueError, match="exactly one"):
+        SlottedRatings(coords, 10, None, (40, 25), torch.float32)
+    with pytest.raises(ValueError, match="10 ratings in each batch"):
+        SlottedRatings(coords, 10, None, (40, 25), torch.float32, labels=np.zeros(50, np.uint8))
+    with pytest.raises(ValueError, match="a batch in 0..4"):
+        SlottedRatings(coords, 10, None, (40, 25), torch.float32, labels=np.full(50, 7, np.uint8))
+
+
+def test_random_batch_labels_put_each_rating_in_each_batch_about_equally_often():
+    from recsys_flowadam.train.batches import random_batch_labels
 
     n, batch_size, runs = 40, 10, 2000
     hits = np.zeros((n, 4))
     gen = torch.Generator().manual_seed(0)
     for _ in range(runs):
-        order = random_batches(n, batch_size, gen)
-        hits[order, np.arange(n) // batch_size] += 1
+        hits[np.arange(n), random_batch_labels(n, batch_size, gen)] += 1
     share = hits / runs  # 1/4 each; binomial sd 0.0097 per cell
     assert np.abs(share - 0.25).max() < 0.05

@@ -71,24 +71,51 @@ class SlottedRatings:
     """The training ratings laid out batch by batch, user by user inside a batch (see the module
     doc; ``shape``: the model's (users, items), which every index is checked against):
     ``users``/``items``/``values`` as numpy arrays in that order and ``starts`` (batch
-    ``b`` is ``starts[b]:starts[b + 1]``), cut from the seeded permutation ``perm``."""
+    ``b`` is ``starts[b]:starts[b + 1]``). The batches are cut either by ``labels`` (rating k joins
+    batch ``labels[k]``; each batch holds ``batch_size`` of them, the last one the rest: see
+    ``train.batches.random_batch_labels``) or by a permutation ``perm`` (batch b: ``perm[b *
+    batch_size:(b + 1) * batch_size]``). Within a user, ratings keep the order they are cut in.
 
-    def __init__(self, coords: Coords, batch_size: int, perm: torch.Tensor, shape: tuple[int, int],
-                 dtype: torch.dtype) -> None:
+    Two passes, each on two threads over halves of the batches: the ratings go to their batch's
+    positions (from labels: one sequential read; from a permutation: a gather), then each batch is
+    counting-sorted by user in place. From labels at 9M ratings: 0.19 s against 0.47-0.9 s for the
+    gather through a random permutation of all the ratings."""
+
+    def __init__(self, coords: Coords, batch_size: int, perm: torch.Tensor | None, shape: tuple[int, int],
+                 dtype: torch.dtype, labels: np.ndarray | None = None) -> None:
+        if (perm is None) == (labels is None):
+            raise ValueError("SlottedRatings needs exactly one of perm and labels")
         k = _kernels()
         assert k is not None
-        users, items, values, order = (_np(coords.users), _np(coords.items), _np(coords.values.to(dtype)), _np(perm))
+        users, items, values = _np(coords.users), _np(coords.items), _np(coords.values.to(dtype))
         n, batch_size = len(users), int(batch_size)
         self.n_batches = -(-n // batch_size)
         self.starts = np.minimum(np.arange(self.n_batches + 1, dtype=np.int64) * batch_size, n)
         self.users, self.items, self.values = np.empty_like(users), np.empty_like(items), np.empty_like(values)
+        out = (self.users, self.items, self.values)
+        if labels is not None:
+            if labels.shape != (n,) or (n and (labels.min() < 0 or labels.max() >= self.n_batches)):
+                raise ValueError(f"labels must give each of the {n} ratings a batch in 0..{self.n_batches - 1}")
+            sizes = np.bincount(labels, minlength=self.n_batches)
+            if not np.array_equal(sizes, np.diff(self.starts)):
+                raise ValueError(f"labels must put {batch_size} ratings in each batch (the last: the rest)")
 
-        def batches(first: int, last: int) -> None:
-            k.lay_out_batches(users, items, values, order, batch_size, int(shape[0]), int(shape[1]), first, last,
-                              self.users, self.items, self.values)
+            def place(first: int, last: int) -> None:
+                k.group_by_label(users, items, values, labels, self.starts, first, last, *out)
+        else:
+            order = _np(perm)
+            if order.shape != (n,):
+                raise ValueError(f"perm must order all {n} ratings")
 
-        half = self.n_batches // 2  # the two halves of the batches at once (the kernel releases the GIL)
-        in_two(lambda: batches(0, half), lambda: batches(half, self.n_batches))
+            def place(first: int, last: int) -> None:
+                k.gather_batches(users, items, values, order, self.starts, first, last, *out)
+
+        def sort(first: int, last: int) -> None:
+            k.sort_batches_by_user(self.starts, first, last, int(shape[0]), int(shape[1]), *out)
+
+        half = self.n_batches // 2  # the two halves of the batches at once (the kernels release the GIL)
+        in_two(lambda: place(0, half), lambda: place(half, self.n_batches))
+        in_two(lambda: sort(0, half), lambda: sort(half, self.n_batches))
 
     def batch_size(self, index: int) -> int:
         return int(self.starts[index + 1] - self.starts[index])

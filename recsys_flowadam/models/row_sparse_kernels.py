@@ -38,47 +38,57 @@ def shuffle_labels(labels, seed):
 
 
 @jit
-def order_by_label(labels, n_labels, order):
-    """``order``: the positions ``0..n-1`` grouped by label, ascending within each (a counting sort)."""
-    start = np.zeros(n_labels + 1, dtype=np.int64)
-    for k in range(labels.shape[0]):
-        start[np.int64(labels[k]) + 1] += 1
-    for b in range(n_labels):
-        start[b + 1] += start[b]
-    for k in range(labels.shape[0]):
+def group_by_label(users, items, values, labels, starts, first, last, out_users, out_items, out_values):
+    """The ratings of batches ``first <= b < last`` (``labels[k]``: rating k's batch) copied to their
+    batch's positions ``starts[b]:starts[b + 1]`` of the ``out_*`` arrays, in rating order: one
+    sequential read of the ratings, writes into as many streams as batches. Calls on disjoint batch
+    ranges write disjoint positions."""
+    fill = starts[:-1].copy()
+    for k in range(users.shape[0]):
         b = np.int64(labels[k])
-        order[start[b]] = k
-        start[b] += 1
+        if first <= b < last:
+            p = fill[b]
+            fill[b] += 1
+            out_users[p] = users[k]
+            out_items[p] = items[k]
+            out_values[p] = values[k]
 
 
 @jit
-def lay_out_batches(users, items, values, perm, batch_size, n_users, n_items, first, last, out_users, out_items,
-                    out_values):
-    """Batches ``first <= b < last`` of the layout: batch ``b`` holds the ratings ``perm[b * batch_size:
-    (b + 1) * batch_size]``, written to those positions of the ``out_*`` arrays user by user (a
-    counting sort per batch, stable in ``perm``'s order). Each batch's counts live in one array of
-    ``n_users`` (it stays in cache, where one sort of all the ratings by (batch, user) would walk
-    the whole data at random); calls on disjoint batch ranges write disjoint positions."""
-    n = perm.shape[0]
+def gather_batches(users, items, values, perm, starts, first, last, out_users, out_items, out_values):
+    """Positions ``starts[first]:starts[last]`` of the ``out_*`` arrays take the ratings ``perm`` names there."""
+    for t in range(starts[first], starts[last]):
+        k = perm[t]
+        out_users[t] = users[k]
+        out_items[t] = items[k]
+        out_values[t] = values[k]
+
+
+@jit
+def sort_batches_by_user(starts, first, last, n_users, n_items, users, items, values):
+    """Batches ``first <= b < last`` (positions ``starts[b]:starts[b + 1]`` of the arrays) sorted by
+    user in place, stably (a counting sort through a batch-sized scratch copy). Each batch's counts
+    live in one array of ``n_users`` that stays in cache, where one sort of all the ratings by
+    (batch, user) would walk the whole data at random. Every index is checked here."""
+    longest = 0
+    for b in range(first, last):
+        longest = max(longest, starts[b + 1] - starts[b])
     count = np.zeros(n_users, dtype=np.int64)
     fill = np.empty(n_users, dtype=np.int64)
-    batch_users = np.empty(batch_size, dtype=users.dtype)  # the batch gathered once, in perm's order
-    batch_items = np.empty(batch_size, dtype=items.dtype)
-    batch_values = np.empty(batch_size, dtype=values.dtype)
+    batch_users = np.empty(longest, dtype=users.dtype)
+    batch_items = np.empty(longest, dtype=items.dtype)
+    batch_values = np.empty(longest, dtype=values.dtype)
     for b in range(first, last):
-        lo = b * batch_size
-        hi = min(n, lo + batch_size)
+        lo, hi = starts[b], starts[b + 1]
         for t in range(lo, hi):
-            k = perm[t]
-            u = users[k]
-            i = items[k]
+            u, i = users[t], items[t]
             if u < 0 or u >= n_users:  # the kernels run without bounds checks
                 raise IndexError("a rating's user index lies outside the factor tables")
             if i < 0 or i >= n_items:
                 raise IndexError("a rating's item index lies outside the factor tables")
             batch_users[t - lo] = u
             batch_items[t - lo] = i
-            batch_values[t - lo] = values[k]
+            batch_values[t - lo] = values[t]
             count[u] += 1
         pos = lo
         for u in range(n_users):
@@ -89,9 +99,9 @@ def lay_out_batches(users, items, values, perm, batch_size, n_users, n_items, fi
             u = batch_users[t]
             p = fill[u]
             fill[u] += 1
-            out_users[p] = u
-            out_items[p] = batch_items[t]
-            out_values[p] = batch_values[t]
+            users[p] = u
+            items[p] = batch_items[t]
+            values[p] = batch_values[t]
 
 
 @jit
