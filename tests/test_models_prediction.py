@@ -219,13 +219,16 @@ def test_the_service_imports_the_rule_without_torch() -> None:
     subprocess.run([sys.executable, "-c", code], check=True)
 
 
+@pytest.mark.parametrize("halves", [False, True])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
-def test_row_dots_compiled_on_cpu_tensors_is_the_gathered_product(dtype) -> None:
+def test_row_dots_compiled_on_cpu_tensors_is_the_gathered_product(dtype, halves, monkeypatch) -> None:
     from recsys_flowadam.models import fused_cpu
     from recsys_flowadam.models.prediction import row_dots
 
     if not fused_cpu.available():
         pytest.skip("numba is not installed")
+    if halves:  # the two halves of the pairs, on the kernels' two threads
+        monkeypatch.setattr(fused_cpu, "PARALLEL_MIN_RATINGS", 0)
     gen = torch.Generator().manual_seed(0)
     P, Q = torch.randn(50, 7, generator=gen, dtype=dtype), torch.randn(30, 7, generator=gen, dtype=dtype)
     for index_dtype in (torch.int64, torch.int32):

@@ -141,8 +141,15 @@ def row_dots(P: torch.Tensor, Q: torch.Tensor, rows_p: torch.Tensor, rows_q: tor
             or rows_p.shape != rows_q.shape or rows_p.dtype not in (torch.int32, torch.int64)
             or rows_q.dtype != rows_p.dtype):
         return None
-    out = np.empty(rows_p.shape[0], dtype=_np(P).dtype)
-    k["row_dots"](_np(P.contiguous()), _np(Q.contiguous()), _np(rows_p.contiguous()), _np(rows_q.contiguous()), out)
+    n = rows_p.shape[0]
+    out = np.empty(n, dtype=_np(P).dtype)
+    args = (_np(P.contiguous()), _np(Q.contiguous()), _np(rows_p.contiguous()), _np(rows_q.contiguous()))
+    if n < PARALLEL_MIN_RATINGS:
+        k["row_dots"](*args, out)
+    else:  # each half of the pairs on one of the kernels' threads (every element stands alone)
+        half = n // 2
+        in_two(lambda: k["row_dots"](*(a if j < 2 else a[:half] for j, a in enumerate(args)), out[:half]),
+               lambda: k["row_dots"](*(a if j < 2 else a[half:] for j, a in enumerate(args)), out[half:]))
     return torch.from_numpy(out)
 
 
