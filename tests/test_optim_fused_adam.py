@@ -147,3 +147,92 @@ def test_flowadam_e_takes_the_same_steps_and_decisions_with_the_compiled_pass(mo
     assert diag_ours == diag_torch and diag_ours["plateau_triggers"] > 0
     torch.testing.assert_close(x_ours, x_torch, rtol=1e-10, atol=1e-12)
     assert math.isfinite(float(x_ours.sum()))
+
+
+# ------------------------------------------------ the step taken by the gradient kernel (row_step)
+
+
+def _mf_setup(dtype, seed=0, n_users=300, n_items=40, rank=6, n=3000, biases=True):
+    from recsys_flowadam.models import Coords, Objective
+
+    gen = torch.Generator().manual_seed(seed)
+    users = torch.randint(0, n_users, (n,), generator=gen)
+    items = torch.randint(0, n_items, (n,), generator=gen)
+    values = torch.randint(1, 6, (n,), generator=gen).to(dtype)
+    params = {"user_factors": 0.1 * torch.randn(n_users, rank, generator=gen, dtype=dtype),
+              "item_factors": 0.1 * torch.randn(n_items, rank, generator=gen, dtype=dtype)}
+    if biases:
+        params |= {"user_bias": torch.zeros(n_users, dtype=dtype), "item_bias": torch.zeros(n_items, dtype=dtype)}
+    return Coords(users, items, values), Objective(reg=0.05, bias_reg=0.01, offset=3.0), params
+
+
+def _run_minibatches(name, fuse, dtype, monkeypatch, grouped=True, halves=False, steps=15, **kwargs):
+    from recsys_flowadam.models import fused_cpu
+
+    if not fused_cpu.available():
+        pytest.skip("numba is not installed")
+    monkeypatch.setattr(fused_adam, "MIN_ELEMENTS", 1)
+    monkeypatch.setattr(fused_cpu, "PARALLEL_MIN_RATINGS", 0 if halves else 10**9)
+    coords, obj, params = _mf_setup(dtype)
+    params = {k: p.requires_grad_() for k, p in params.items()}
+    opt = make_optimizer(name, params.values(), 0.02, **kwargs)
+    opt.fuse_row_steps = fuse
+    gen = torch.Generator().manual_seed(1)
+    no_grad_after = []
+    for _ in range(steps):
+        idx = torch.randperm(len(coords), generator=gen)[:700]
+        if grouped:  # as laid-out batches come: grouped by user
+            idx = idx[torch.argsort(coords.users[idx], stable=True)]
+        batch = coords.select(idx)
+
+        def closure():
+            loss, grads = fused_cpu.loss_and_grad(params, batch, obj)
+            for k, p in params.items():
+                p.grad = grads.get(k)
+            return loss
+
+        opt.step(closure)
+        no_grad_after.append(params["user_factors"].grad is None)
+    return {k: p.detach().clone() for k, p in params.items()}, opt, no_grad_after
+
+
+@pytest.mark.parametrize("grouped, halves", [(True, False), (True, True), (False, True)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("name, kwargs", [("adam", {"fused": True}), ("adamw", {"fused": True, "weight_decay": 0.1}),
+                                          ("flowadam", {}), ("flowadam", {"weight_decay": 0.05})])
+def test_the_kernel_takes_adams_step_on_the_user_rows_with_the_same_numbers(monkeypatch, name, kwargs, dtype,
+                                                                          grouped, halves):
+    fused, opt_f, taken = _run_minibatches(name, True, dtype, monkeypatch, grouped, halves, **kwargs)
+    plain, opt_p, not_taken = _run_minibatches(name, False, dtype, monkeypatch, grouped, halves, **kwargs)
+    assert all(taken) and not any(not_taken)  # the user rows' step was the kernel's in every fused step
+    tol = 2e-6 if dtype == torch.float32 else 1e-12
+    for k in plain:
+        torch.testing.assert_close(fused[k], plain[k], rtol=tol, atol=tol)
+    for p_f, p_p in zip(opt_f.param_groups[0]["params"], opt_p.param_groups[0]["params"]):
+        assert float(opt_f.state[p_f]["step"]) == float(opt_p.state[p_p]["step"]) == 15.0
+        torch.testing.assert_close(opt_f.state[p_f]["exp_avg_sq"], opt_p.state[p_p]["exp_avg_sq"], rtol=tol, atol=tol)
+    if name == "flowadam":
+        assert opt_f.diagnostics() == opt_p.diagnostics()
+        assert opt_f._noise.state()["count"] == opt_p._noise.state()["count"]
+        np.testing.assert_allclose(opt_f._noise.mean, opt_p._noise.mean, rtol=1e-5)
+
+
+def test_no_offer_where_it_cannot_be_taken_as_offered(monkeypatch):
+    """Adam's L2 weight decay (in the gradient) is not offered; a step the kernel cannot take (time
+    models' extra terms) leaves every gradient to the optimizer."""
+    from recsys_flowadam.row_step import AdamRowStep, RowStepOffer, offering
+
+    params, opt, taken = _run_minibatches("adam", True, torch.float64, monkeypatch, fused=True, weight_decay=0.1)
+    assert not any(taken)
+    from recsys_flowadam.models import fused_cpu
+
+    coords, obj, params = _mf_setup(torch.float64)
+    offer = RowStepOffer()
+    for p in params.values():
+        offer.add(p, AdamRowStep(torch.zeros_like(p), torch.zeros_like(p), (0.9, 0.999, 0.01, 0.1, 1e-8, 1.0)))
+    with offering(offer):
+        _, grads = fused_cpu.loss_and_grad(params, coords, obj, extra=torch.zeros(len(coords), dtype=torch.float64))
+    assert set(grads) == set(params) and not offer.taken(params["user_factors"])
+    with offering(offer):
+        _, grads = fused_cpu.loss_and_grad(params, coords, obj)
+    assert set(grads) == {"item_factors", "item_bias"} and offer.taken(params["user_factors"])

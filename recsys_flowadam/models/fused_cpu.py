@@ -28,6 +28,8 @@ import torch
 from recsys_flowadam.models.coords import Coords
 from recsys_flowadam.models.factorization import Objective
 from recsys_flowadam.kernel_pool import in_two
+from recsys_flowadam.row_step import AdamRowStep
+from recsys_flowadam.row_step import current as current_offer
 
 _KERNELS: dict[str, Any] | None = None
 PARALLEL_MIN_RATINGS = 20_000  # smaller batches stay whole: the hand-off would cost what a half saves
@@ -76,7 +78,10 @@ def loss_and_grad(params: dict[str, torch.Tensor], batch: Coords, objective: Obj
     assert k is not None
     total = 0.0
     grads: dict[str, torch.Tensor] = {}
+    steps = _row_steps(params, extra is None and not with_g)
     for name, p in params.items():
+        if steps is not None and name in steps:  # the kernel takes Adam's step on these rows itself
+            continue
         g = torch.empty(p.shape, dtype=p.dtype)
         lam = objective.bias_reg if name.endswith("_bias") else objective.reg
         if name.startswith("user_"):  # the kernel writes these rows whole, L2 term included
@@ -94,7 +99,7 @@ def loss_and_grad(params: dict[str, torch.Tensor], batch: Coords, objective: Obj
     empty = np.empty(0, dtype=U.dtype)
     bu = _np(params["user_bias"]) if has_bias else empty
     bi = _np(params["item_bias"]) if has_bias else empty
-    dbu = _np(grads["user_bias"]) if has_bias else empty
+    dbu = _np(grads["user_bias"]) if has_bias and steps is None else empty
     dbi = _np(grads["item_bias"]) if has_bias else empty
     users = _np(batch.users)
     items = _np(batch.items)
@@ -104,30 +109,65 @@ def loss_and_grad(params: dict[str, torch.Tensor], batch: Coords, objective: Obj
     g = torch.empty(len(users), dtype=params["user_factors"].dtype) if with_g else None
     w_user = objective.row_weights("user_factors")  # the kernel weighs b_u's L2 term alike
     w_user_np = np.empty(0, dtype=np.float64) if w_user is None else _np(w_user.to(torch.float64).contiguous())
-    dU, dV = _np(grads["user_factors"]), _np(grads["item_factors"])
+    dU, dV = (empty.reshape(0, 0) if steps is not None else _np(grads["user_factors"])), _np(grads["item_factors"])
+    moments = _row_step_arrays(steps, has_bias, empty)
 
-    def users_in(lo: int, hi: int, dV_part: np.ndarray, dbi_part: np.ndarray) -> tuple[float, float]:
+    def users_in(lo: int, hi: int, dV_part: np.ndarray, dbi_part: np.ndarray) -> tuple[float, ...]:
         return k["data_term"](
             users, items, values, U, V, bu, bi, like(objective.offset), objective.loss == "huber",
             like(objective.huber_delta), like(2.0 / max(len(users), 1)), dU, dV_part, dbu, dbi_part, extra_np,
-            empty if g is None else _np(g), w_user_np, float(objective.reg), float(objective.bias_reg), lo, hi)
+            empty if g is None else _np(g), w_user_np, float(objective.reg), float(objective.bias_reg), lo, hi,
+            *moments)
 
     n_users = len(U)
     if len(users) < PARALLEL_MIN_RATINGS:
-        data, user_penalty = users_in(0, n_users, dV, dbi)
+        data, user_penalty, *sums = users_in(0, n_users, dV, dbi)
     else:
         # two halves of the users (at once when KERNEL_THREADS allows; the kernel releases the
         # GIL), split at the batch's median user; each half writes its own users' rows, the
         # second half's item gradients go to a buffer of their own, added after
         split = median_user(users, n_users)
         dV_second, dbi_second = np.zeros_like(dV), np.zeros_like(dbi)
-        (data, user_penalty), (data_second, penalty_second) = in_two(
-            lambda: users_in(0, split, dV, dbi), lambda: users_in(split, n_users, dV_second, dbi_second))
-        data, user_penalty = data + data_second, user_penalty + penalty_second
+        first, second = in_two(lambda: users_in(0, split, dV, dbi),
+                               lambda: users_in(split, n_users, dV_second, dbi_second))
+        data, user_penalty, *sums = (a + b for a, b in zip(first, second))
         dV += dV_second
         dbi += dbi_second
+    if steps is not None:  # taken: the rows' statistics, for whoever asked (FlowAdam's trigger)
+        steps["user_factors"].taken = np.array(sums, dtype=np.float64)
+        if has_bias:
+            steps["user_bias"].taken = np.zeros(3)  # (counted with the factors' rows)
     loss = torch.tensor(data + user_penalty + total, dtype=params["user_factors"].dtype)
     return (loss, grads, g) if with_g else (loss, grads)
+
+
+def _row_steps(params: dict[str, torch.Tensor], allowed: bool) -> dict[str, AdamRowStep] | None:
+    """The offered Adam steps (``row_step``) this kernel takes: on the user factors (and the user
+    biases, with the same scalars), when both are offered; None: none taken, gradients as usual."""
+    offer = current_offer()
+    if offer is None or not allowed:
+        return None
+    names = ["user_factors"] + (["user_bias"] if "user_bias" in params else [])
+    steps = {name: offer.get(params[name]) for name in names}
+    if any(st is None for st in steps.values()) or len({st.scalars for st in steps.values()}) != 1:
+        return None
+    for name, st in steps.items():
+        p = params[name]
+        if not (st.exp_avg.dtype == st.exp_avg_sq.dtype == p.dtype and st.exp_avg.shape == p.shape
+                and st.exp_avg.is_contiguous() and st.exp_avg_sq.is_contiguous() and p.is_contiguous()
+                and st.exp_avg.device.type == "cpu"):
+            return None
+    return steps
+
+
+def _row_step_arrays(steps: dict[str, AdamRowStep] | None, has_bias: bool, empty: np.ndarray) -> tuple:
+    """``(mU, vU, mbu, vbu, adam)`` of ``data_term``: empty arrays when no step is taken."""
+    if steps is None:
+        return empty.reshape(0, 0), empty.reshape(0, 0), empty, empty, np.empty(0, dtype=np.float64)
+    su = steps["user_factors"]
+    sb = steps.get("user_bias") if has_bias else None
+    return (_np(su.exp_avg), _np(su.exp_avg_sq), empty if sb is None else _np(sb.exp_avg),
+            empty if sb is None else _np(sb.exp_avg_sq), np.array(su.scalars, dtype=np.float64))
 
 
 def row_dots(P: torch.Tensor, Q: torch.Tensor, rows_p: torch.Tensor, rows_q: torch.Tensor) -> torch.Tensor | None:

@@ -7,7 +7,9 @@ import numba
 import numpy as np
 
 # fastmath without nnan/ninf: a NaN or infinite loss must stay one (the trainer stops on it)
-jit = numba.njit(cache=True, nogil=True, fastmath={"reassoc", "contract", "nsz", "arcp"}, boundscheck=False)
+# error_model="numpy": a float division needs no zero check, so Adam's row update vectorises
+jit = numba.njit(cache=True, nogil=True, fastmath={"reassoc", "contract", "nsz", "arcp"}, boundscheck=False,
+                 error_model="numpy")
 
 
 @jit
@@ -56,9 +58,15 @@ def loss_terms(r, huber, delta, scale):
 
 @jit
 def data_term(users, items, values, U, V, bu, bi, offset, huber, delta, scale, dU, dV, dbu, dbi, extra, g_out,
-              w_user, lam, lam_bias, u_lo, u_hi):
+              w_user, lam, lam_bias, u_lo, u_hi, mU, vU, mbu, vbu, adam):
     """The data term of the batch's ratings by users ``u_lo <= u < u_hi`` and those users' L2 term
-    in one walk over them; returns ``(sum rho(r) / m, their L2 value)`` (``m``: the whole batch).
+    in one walk over them; returns ``(sum rho(r) / m, their L2 value, gg, mm, gm)`` (``m``: the
+    whole batch; the last three: see ``adam``).
+
+    ``adam`` (empty: none): Adam's step on those users' rows taken here, as each row's gradient is
+    done (``row_step``): (beta1, beta2, lr / bias_correction1, sqrt(bias_correction2), eps, decay)
+    with moments ``mU``/``vU`` (and ``mbu``/``vbu`` for ``b_u``); ``dU``/``dbu`` are then not
+    written, and ``gg, mm, gm`` are the rows' g.g, m.m and g.m (m before the step) in float64.
 
     Writes those users' rows of ``dU`` (and ``dbu``): the L2 gradient ``2 lam w_u U_u`` (``w_user`` empty:
     uniform 1; ``lam_bias`` for ``b_u``) plus the data gradient. Adds into ``dV`` (and ``dbi``),
@@ -82,7 +90,20 @@ def data_term(users, items, values, U, V, bu, bi, offset, huber, delta, scale, d
     has_extra = extra.shape[0] > 0
     keep_g = g_out.shape[0] > 0
     weighted = w_user.shape[0] > 0
+    fuse = adam.shape[0] > 0
     two = U.dtype.type(2.0)
+    one = U.dtype.type(1.0)
+    beta1 = U.dtype.type(adam[0]) if fuse else one
+    beta2 = U.dtype.type(adam[1]) if fuse else one
+    step_size = U.dtype.type(adam[2]) if fuse else one
+    bc2_sqrt = U.dtype.type(adam[3]) if fuse else one
+    eps = U.dtype.type(adam[4]) if fuse else one
+    decay = U.dtype.type(adam[5]) if fuse else one
+    c1 = one - beta1
+    c2 = one - beta2
+    gg = 0.0
+    mm = 0.0
+    gm = 0.0
     width = 2 * rank + 2
     items_rows = np.empty((n_items, width), dtype=V.dtype)  # [V_i, b_i, dV_i, db_i]
     for i in range(n_items):
@@ -133,16 +154,39 @@ def data_term(users, items, values, U, V, bu, bi, offset, huber, delta, scale, d
             for f in range(rank):
                 g_row[f] += g * items_rows[i, f]
                 items_rows[i, rank + 1 + f] += g * u_row[f]
-        for f in range(rank):
-            dU[u, f] = g_row[f]
-        if has_bias:
-            dbu[u] = g_b
+        if fuse:  # Adam's step on the row while it is in cache (the same formula as optim.adam_kernels)
+            for f in range(rank):
+                gk = g_row[f]
+                mk = mU[u, f]
+                gg += float(gk) * float(gk)
+                mm += float(mk) * float(mk)
+                gm += float(gk) * float(mk)
+                mk = beta1 * mk + c1 * gk
+                vk = beta2 * vU[u, f] + c2 * (gk * gk)
+                mU[u, f] = mk
+                vU[u, f] = vk
+                U[u, f] = u_row[f] * decay - step_size * mk / (np.sqrt(vk) / bc2_sqrt + eps)
+            if has_bias:
+                mk = mbu[u]
+                gg += float(g_b) * float(g_b)
+                mm += float(mk) * float(mk)
+                gm += float(g_b) * float(mk)
+                mk = beta1 * mk + c1 * g_b
+                vk = beta2 * vbu[u] + c2 * (g_b * g_b)
+                mbu[u] = mk
+                vbu[u] = vk
+                bu[u] = b * decay - step_size * mk / (np.sqrt(vk) / bc2_sqrt + eps)
+        else:
+            for f in range(rank):
+                dU[u, f] = g_row[f]
+            if has_bias:
+                dbu[u] = g_b
     for i in range(n_items):
         for f in range(rank):
             dV[i, f] = items_rows[i, rank + 1 + f]
         if has_bias:
             dbi[i] = items_rows[i, width - 1]
-    return total / m, penalty
+    return total / max(m, 1), penalty, gg, mm, gm
 
 
 @jit

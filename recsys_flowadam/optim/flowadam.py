@@ -24,7 +24,10 @@ per ``step(closure)``:
    the device supports it, else torch's default), so the numbers are torch.optim.Adam's; on the
    CPU from ``fused_adam.MIN_ELEMENTS`` parameters, the compiled two-thread pass of
    :mod:`~recsys_flowadam.optim.fused_adam` (the same update to float rounding), which for
-   preset E also reads the step's trigger statistics, instead of a pass of their own.
+   preset E also reads the step's trigger statistics, instead of a pass of their own. Where the
+   trainer allows it (``fuse_row_steps``: laid-out CPU mini-batches in one process), an Adam step
+   of preset E is offered to the gradient kernel, which takes it on the user rows as their
+   gradients are done (``recsys_flowadam.row_step``; the decision is known a step ahead).
 
 Weight decay is decoupled (AdamW style: theta <- theta * (1 - lr * weight_decay)). It is applied
 on every step, on the ODE branch after the flow, so that it does not vanish when the ODE
@@ -67,6 +70,7 @@ from torch.optim import Optimizer
 from torch.optim.adam import adam as _functional_adam
 
 from recsys_flowadam.optim import fused_adam
+from recsys_flowadam.row_step import RowStepOffer, offering
 from recsys_flowadam.optim.everyday import (
     NoiseAwareStats,
     TriggerMailbox,
@@ -444,14 +448,19 @@ class FlowAdam(Optimizer):
                 "ODE stage): opt.step(closure), where closure zeroes grads, computes the loss, "
                 "sets .grad and returns the loss"
             )
-        loss = self._call(closure)
+        offer, code = self._row_step_offer()
+        with offering(offer):
+            loss = self._call(closure)
         self._flow["steps"] += 1
+        if offer is not None:
+            self._step_after_offer(offer)
+            return loss
         entries = self._entries()
         if not entries:
             return loss
         all_grads = [g for e in entries for g in e[2]]
         if self.defaults["trigger"] == "noise":
-            code = self._noise_take()
+            code = self._noise_take() if code is None else code
             if not code and self._compiled(entries):  # the statistics come from the Adam pass itself
                 parts = [self._adam(group, ps, gs, sts, sums=True) for group, ps, gs, sts in entries]
                 sums = np.concatenate([part.reshape(3, -1) for part in parts], axis=1).reshape(-1)
@@ -497,10 +506,57 @@ class FlowAdam(Optimizer):
             return int(trigger_code(n, c, self._flow["n_bar"], self._flow["c_bar"], switch, curvature).item())
         return 0
 
-    def _noise_take(self) -> int:
+    def _noise_take(self, coming: bool = False) -> int:
         """The "noise" rule's decision for this step: the code posted at the previous one (see
-        ``optim.everyday``); 0 during warm-up."""
-        return self._mailbox.take() if self._flow["steps"] > self.defaults["warmup_steps"] else 0
+        ``optim.everyday``); 0 during warm-up. ``coming``: asked before the step is counted."""
+        steps = self._flow["steps"] + (1 if coming else 0)
+        return self._mailbox.take() if steps > self.defaults["warmup_steps"] else 0
+
+    fuse_row_steps = False  # set by the trainer where the gradient kernel may take the step (row_step)
+
+    def _row_step_offer(self) -> tuple[RowStepOffer | None, int | None]:
+        """``(offer, code)``: preset E's step offered to the gradient kernel (``row_step``) when it is
+        allowed, the model qualifies (``fused_adam.offerable``) and the step is an Adam step (the
+        decision, posted at the previous step, is known before the gradient); ``code``: that decision
+        when it was read here (None: not read yet)."""
+        if not (self.fuse_row_steps and self._solver_free()):
+            return None, None
+        params = [p for g in self.param_groups for p in g["params"]]
+        if not fused_adam.offerable(params):
+            return None, None
+        code = self._noise_take(coming=True)
+        if code:
+            return None, code
+        offer = RowStepOffer()
+        for group in self.param_groups:
+            beta1, beta2 = group["betas"]
+            for p in group["params"]:
+                step = fused_adam.row_step(self._param_state(p, group), group["lr"], beta1, beta2, group["eps"],
+                                           group["weight_decay"], decoupled=True, sums=True)
+                if step is not None:
+                    offer.add(p, step)
+        return offer, code
+
+    def _step_after_offer(self, offer: RowStepOffer) -> None:
+        """After an offered step: the taken parameters' step counts advance; the rest take the
+        compiled pass, which also reads their statistics; x from all of them feeds the rule."""
+        sums = np.zeros(3)
+        for group in self.param_groups:
+            rest = []
+            for p in group["params"]:
+                if offer.taken(p):
+                    self.state[p]["step"] += 1
+                    sums += offer.get(p).taken
+                elif p.grad is not None:
+                    rest.append(p)
+            if rest:
+                grads = [self._grad_of(p) for p in rest]
+                sts = [self._param_state(p, group) for p in rest]
+                if not fused_adam.supports([*rest, *grads]):
+                    raise RuntimeError("a gradient the compiled Adam pass cannot take (not dense, contiguous, on "
+                                       "the CPU in the parameters' dtype) in a step offered to the gradient kernel")
+                sums += self._adam(group, rest, grads, sts, sums=True).reshape(3, -1).sum(axis=1)
+        self._noise_observe(gradient_departure(np.concatenate([sums[:1], sums[1:2], sums[2:]])))
 
     def _noise_observe(self, x: Any) -> None:
         """x = (n, c) of this step yields the code for the next step, then joins the statistics."""

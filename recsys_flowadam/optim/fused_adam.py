@@ -12,6 +12,10 @@ earlier runs' numbers bit for bit), for float32 / float64 parameters on the CPU 
 contiguous gradients, no amsgrad, no maximize, and a float learning rate; with numba only. The
 update is torch's Adam / AdamW (``decoupled``) to float rounding (tested against torch.optim.Adam):
 the halves are fixed whatever the thread count, so the numbers do not depend on it.
+
+Where the trainer sets ``fuse_row_steps`` (laid-out CPU mini-batches, one process), the step is
+first offered to the gradient kernel (``recsys_flowadam.row_step``), which takes it on the user
+rows while it computes them; this pass then updates the rest.
 """
 
 from __future__ import annotations
@@ -22,8 +26,9 @@ import numpy as np
 import torch
 
 from recsys_flowadam.kernel_pool import in_two
+from recsys_flowadam.row_step import AdamRowStep, RowStepOffer, offering
 
-__all__ = ["MIN_ELEMENTS", "Adam", "AdamW", "adam_step", "kernels", "supports"]
+__all__ = ["MIN_ELEMENTS", "Adam", "AdamW", "adam_step", "kernels", "offerable", "row_step", "supports"]
 
 MIN_ELEMENTS = 1_000_000
 _KERNELS: Any = None
@@ -45,7 +50,7 @@ def kernels() -> Any:
 def supports(tensors: Sequence[torch.Tensor]) -> bool:
     """Whether :func:`adam_step` takes these parameters (with their gradients and moments given as
     the same list's later entries or not): CPU, one float32/float64 dtype, dense and contiguous,
-    ``MIN_ELEMENTS`` parameters or more, and numba present."""
+    and numba present (the size is :func:`large_enough`'s question)."""
     if not tensors:
         return False
     dtype = tensors[0].dtype
@@ -126,16 +131,91 @@ def _compiled_group(opt: torch.optim.Optimizer, group: dict[str, Any]) -> tuple 
     return (ps, gs, ms, vs, steps) if supports([*ps, *gs, *ms, *vs]) else None
 
 
+def row_step(state: dict[str, Any], lr: float, beta1: float, beta2: float, eps: float, weight_decay: float,
+             decoupled: bool, sums: bool = False) -> AdamRowStep | None:
+    """The coming step of a parameter with Adam ``state`` as an offer a gradient kernel may take
+    (``row_step``); None for Adam's L2 weight decay (added to the gradient: not offered)."""
+    if weight_decay and not decoupled:
+        return None
+    n = float(state["step"]) + 1.0
+    scalars = (beta1, beta2, lr / (1.0 - beta1**n), (1.0 - beta2**n) ** 0.5, eps,
+               1.0 - lr * weight_decay if decoupled else 1.0)
+    return AdamRowStep(state["exp_avg"], state["exp_avg_sq"], scalars, sums)
+
+
+def offerable(params: Sequence[torch.Tensor]) -> bool:
+    """Whether steps on these parameters may be offered: large CPU models the compiled pass takes."""
+    return large_enough(params) and supports(params)
+
+
+def _torch_state(opt: torch.optim.Optimizer, group: dict[str, Any], p: torch.Tensor) -> dict[str, Any]:
+    """``p``'s Adam state, made as torch.optim.Adam makes it when missing."""
+    state = opt.state[p]
+    if len(state) == 0:
+        state["step"] = (torch.zeros((), dtype=torch.float32, device=p.device) if group["fused"]
+                         else torch.tensor(0.0, dtype=torch.float32))
+        state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+        state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+    return state
+
+
 class _CompiledCpuStep:
     """``step`` for torch's Adam and AdamW: when every group asked for the fused kernel
     (``fused=True``) and qualifies (see the module doc), the compiled pass; else torch's own step."""
 
+    fuse_row_steps = False  # set by the trainer where the gradient kernel may take the step (row_step)
+
+    def _offer(self) -> RowStepOffer | None:
+        """This step offered to the gradient kernel (``row_step``), when allowed and every group qualifies."""
+        groups = self.param_groups  # type: ignore[attr-defined]
+        if not self.fuse_row_steps or any(
+                not g.get("fused") or g["amsgrad"] or g["maximize"] or g["capturable"] or g["differentiable"]
+                or isinstance(g["lr"], torch.Tensor) for g in groups):
+            return None
+        if not offerable([p for g in groups for p in g["params"]]):
+            return None
+        offer = RowStepOffer()
+        for group in groups:
+            beta1, beta2 = group["betas"]
+            for p in group["params"]:
+                step = row_step(_torch_state(self, group, p), float(group["lr"]), beta1, beta2, group["eps"],
+                                group["weight_decay"], bool(group["decoupled_weight_decay"]))
+                if step is not None:
+                    offer.add(p, step)
+        return offer
+
+    def _step_after_offer(self, offer: RowStepOffer) -> None:
+        """Advance the step counts of the parameters whose step the kernel took; the rest, the compiled pass."""
+        for group in self.param_groups:  # type: ignore[attr-defined]
+            rest = []
+            for p in group["params"]:
+                if offer.taken(p):
+                    self.state[p]["step"] += 1  # type: ignore[attr-defined]
+                elif p.grad is not None:
+                    rest.append(p)
+            if not rest:
+                continue
+            states = [self.state[p] for p in rest]  # type: ignore[attr-defined]
+            grads = [p.grad for p in rest]
+            beta1, beta2 = group["betas"]
+            if not supports([*rest, *grads]):
+                raise RuntimeError("a gradient the compiled Adam pass cannot take (not dense, contiguous, on the "
+                                   "CPU in the parameters' dtype) in a step offered to the gradient kernel")
+            adam_step(rest, grads, [st["exp_avg"] for st in states], [st["exp_avg_sq"] for st in states],
+                      [st["step"] for st in states], lr=float(group["lr"]), beta1=beta1, beta2=beta2,
+                      eps=group["eps"], weight_decay=group["weight_decay"],
+                      decoupled=bool(group["decoupled_weight_decay"]))
+
     @torch.no_grad()
     def step(self, closure: Any = None) -> Any:
         loss = None
+        offer = self._offer() if closure is not None else None
         if closure is not None:
-            with torch.enable_grad():
+            with torch.enable_grad(), offering(offer):
                 loss = closure()
+        if offer is not None:
+            self._step_after_offer(offer)
+            return loss
         parts = [_compiled_group(self, group) for group in self.param_groups]  # type: ignore[attr-defined]
         if any(p is None for p in parts):
             # torch's step, as it is (unwrapped: this step already ran the optimizer's hooks)

@@ -104,9 +104,10 @@ class LocalData(DataPlacement):
 
     def reduce(self, params: dict[str, torch.Tensor], loss: torch.Tensor, grads: dict[str, torch.Tensor],
                share: float) -> torch.Tensor:
-        """``grads`` into ``.grad``; the loss as it is (``share`` is 1 here)."""
+        """``grads`` into ``.grad``; the loss as it is (``share`` is 1 here). A parameter without a
+        gradient had its step taken by the gradient kernel (``row_step``): its ``.grad`` is None."""
         for k, p in params.items():
-            p.grad = grads[k]
+            p.grad = grads.get(k)
         return loss
 
     def mini_batches(self, batch_size: int, gen: torch.Generator, device: torch.device) -> BatchSource:
