@@ -50,7 +50,9 @@ The load average is printed at the start and the end, and each process's start i
 "load" column: this machine is shared, and timings taken under load say so. Everything is written
 to ``<out>/results-<N>-seed<S>-threads<T>.json`` and each process's output to ``<out>/logs/``.
 ``--threads 1`` gives every contender one thread: on a busy machine torch's default of one thread
-per core is slowed far more than the others by the competing processes.
+per core is slowed far more than the others by the competing processes. ``--rounds N`` runs the
+contenders N times in turn and prints each round's fit/Cornac ratios and their median (the logs
+keep the last round's output).
 """
 
 from __future__ import annotations
@@ -58,6 +60,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -415,6 +418,27 @@ def print_details(results: list[dict]) -> None:
             print(f"ours ({what}): default optimizer / adam fit time = {ratio:.2f}x")
 
 
+def round_ratios(rounds: list[list[dict]]) -> dict[str, dict]:
+    """Print and return, per contender, its fit time and fit/Cornac ratio in every round (each ratio
+    taken against that round's Cornac run, just before or after it), and the median ratio: on a
+    shared machine one round's ratio moves with the load, the median of alternated rounds less."""
+    out: dict[str, dict] = {}
+    print(f"\nfit time by round ({len(rounds)} rounds, contenders alternated):")
+    for key in [r["key"] for r in rounds[0]]:
+        fits, ratios = [], []
+        for results in rounds:
+            r = next((x for x in results if x["key"] == key and "error" not in x), None)
+            cornac = next((x for x in results if x["key"] == "cornac" and "error" not in x), None)
+            fits.append(None if r is None else r["fit_seconds"])
+            ratios.append(None if r is None or cornac is None else r["fit_seconds"] / cornac["fit_seconds"])
+        done = [x for x in ratios if x is not None]
+        median = statistics.median(done) if done else None
+        out[key] = {"fit_seconds": fits, "fit_over_cornac": ratios, "median_fit_over_cornac": median}
+        print(f"  {key:<18} fit s " + " / ".join(_fmt(x, '.2f') for x in fits)
+              + "; fit/Cornac " + " / ".join(_fmt(x, '.2f') for x in ratios) + f"; median {_fmt(median, '.2f')}")
+    return out
+
+
 # ------------------------------------------------------------------------------------------------
 
 
@@ -438,8 +462,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--reach-slack", type=float, default=0.002)
     ap.add_argument("--trace-margin", type=float, default=0.01,
                     help="no trace run for ours when its test RMSE is above the target by more than this")
+    ap.add_argument("--rounds", type=int, default=1,
+                    help="run the contenders this many times, in turn, and print every round's fit/Cornac ratios "
+                         "and their median (the table shows round 1)")
     ap.add_argument("--generate-only", action="store_true", help="write the data files and stop")
     args = ap.parse_args(argv)
+    if args.rounds < 1:
+        ap.error("--rounds must be at least 1")
     args.only = [s.strip() for s in args.only.split(",") if s.strip()]
     return args
 
@@ -460,6 +489,7 @@ def main(argv: list[str] | None = None) -> None:
     logs.mkdir(parents=True, exist_ok=True)
     runs, trace_runs = contenders(args)
     results = [run_contender(c, folder, args, logs) for c in runs]
+    later = [[run_contender(c, folder, args, logs) for c in runs] for _ in range(args.rounds - 1)]
     cornac = next((r for r in results if r["key"] == "cornac" and "error" not in r), None)
     target = args.target_rmse if args.target_rmse is not None else (
         cornac["test_rmse"] + args.reach_slack if cornac else None)
@@ -467,10 +497,11 @@ def main(argv: list[str] | None = None) -> None:
     attach_reach(results, traces, target)
     print_table(results, target)
     print_details(results)
+    rounds = round_ratios([results, *later]) if later else None
     end_load = os.getloadavg()
     print(f"load average at end: {' '.join(f'{x:.2f}' for x in end_load)}")
     report = {"problem": meta, "target_rmse": target, "results": results, "traces": traces,
-              "load_start": start_load, "load_end": end_load}
+              "load_start": start_load, "load_end": end_load, "rounds": rounds}
     path = args.out / f"results-{shape.n_ratings}-seed{args.seed}-threads{args.threads}.json"
     path.write_text(json.dumps(report, indent=1))
     print(f"wrote {path}")
