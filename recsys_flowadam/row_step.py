@@ -17,6 +17,7 @@ process group must reduce the gradients before any update).
 from __future__ import annotations
 
 from contextlib import contextmanager
+from contextvars import ContextVar
 from dataclasses import dataclass, field
 from typing import Iterator
 
@@ -57,20 +58,20 @@ class RowStepOffer:
         return step is not None and step.taken is not None
 
 
-_CURRENT: RowStepOffer | None = None
+# per thread and context: trainings in two threads never see each other's offers
+_CURRENT: ContextVar[RowStepOffer | None] = ContextVar("recsys_flowadam_row_step_offer", default=None)
 
 
 def current() -> RowStepOffer | None:
     """The offer of the step in progress (None: none)."""
-    return _CURRENT
+    return _CURRENT.get()
 
 
 @contextmanager
 def offering(offer: RowStepOffer | None) -> Iterator[None]:
     """Make ``offer`` the current one while the block (the optimizer's closure call) runs."""
-    global _CURRENT
-    before, _CURRENT = _CURRENT, offer
+    token = _CURRENT.set(offer)
     try:
         yield
     finally:
-        _CURRENT = before
+        _CURRENT.reset(token)

@@ -381,3 +381,8 @@ def test_train_csr_compiled_and_sorted_agree_on_every_row():
         assert np.array_equal(indices, keys % width) and indices.dtype == np.int64
         with pytest.raises(IndexError, match="outside"):
             csr_of_pairs(np.array([40]), np.array([0]), 40, 30)
+        import unittest.mock as mock
+
+        with mock.patch.object(fused_cpu, "available", lambda: False):  # the key sort, as without numba
+            sorted_indptr, sorted_indices = export.train_csr(ratings)
+        assert np.array_equal(sorted_indptr, indptr) and np.array_equal(sorted_indices, indices)

@@ -196,20 +196,29 @@ def _run_minibatches(name, fuse, dtype, monkeypatch, grouped=True, halves=False,
     return {k: p.detach().clone() for k, p in params.items()}, opt, no_grad_after
 
 
+FIRING = {"warmup_steps": 2, "switch_sensitivity": 1.0}  # preset E made to fire on these batches
+
+
 @pytest.mark.parametrize("grouped, halves", [(True, False), (True, True), (False, True)])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 @pytest.mark.parametrize("name, kwargs", [("adam", {"fused": True}), ("adamw", {"fused": True, "weight_decay": 0.1}),
-                                          ("flowadam", {}), ("flowadam", {"weight_decay": 0.05})])
+                                          ("flowadam", {}), ("flowadam", {"weight_decay": 0.05}),
+                                          ("flowadam", FIRING)])
 def test_the_kernel_takes_adams_step_on_the_user_rows_with_the_same_numbers(monkeypatch, name, kwargs, dtype,
                                                                           grouped, halves):
-    fused, opt_f, taken = _run_minibatches(name, True, dtype, monkeypatch, grouped, halves, **kwargs)
-    plain, opt_p, not_taken = _run_minibatches(name, False, dtype, monkeypatch, grouped, halves, **kwargs)
-    assert all(taken) and not any(not_taken)  # the user rows' step was the kernel's in every fused step
+    steps = 150 if kwargs is FIRING else 15
+    fused, opt_f, taken = _run_minibatches(name, True, dtype, monkeypatch, grouped, halves, steps=steps, **kwargs)
+    plain, opt_p, not_taken = _run_minibatches(name, False, dtype, monkeypatch, grouped, halves, steps=steps,
+                                               **kwargs)
+    fired = opt_f.diagnostics()["ode_triggers"] if name == "flowadam" else 0
+    if kwargs is FIRING:
+        assert fired > 0  # the ODE branch's steps keep their gradients: the kernel takes none of them
+    assert sum(taken) == steps - fired and not any(not_taken)
     tol = 2e-6 if dtype == torch.float32 else 1e-12
     for k in plain:
         torch.testing.assert_close(fused[k], plain[k], rtol=tol, atol=tol)
     for p_f, p_p in zip(opt_f.param_groups[0]["params"], opt_p.param_groups[0]["params"]):
-        assert float(opt_f.state[p_f]["step"]) == float(opt_p.state[p_p]["step"]) == 15.0
+        assert float(opt_f.state[p_f]["step"]) == float(opt_p.state[p_p]["step"]) == steps - fired
         torch.testing.assert_close(opt_f.state[p_f]["exp_avg_sq"], opt_p.state[p_p]["exp_avg_sq"], rtol=tol, atol=tol)
     if name == "flowadam":
         assert opt_f.diagnostics() == opt_p.diagnostics()
@@ -236,3 +245,24 @@ def test_no_offer_where_it_cannot_be_taken_as_offered(monkeypatch):
     with offering(offer):
         _, grads = fused_cpu.loss_and_grad(params, coords, obj)
     assert set(grads) == {"item_factors", "item_bias"} and offer.taken(params["user_factors"])
+
+
+
+def test_a_differentiable_step_keeps_its_graph_and_a_scaled_step_its_inf_check(monkeypatch):
+    """Both are torch's step: the differentiable one records the update in autograd; under AMP's
+    GradScaler a step whose gradients hold an inf is skipped."""
+    monkeypatch.setattr(fused_adam, "MIN_ELEMENTS", 1)
+    x = torch.ones(4, requires_grad=True)
+    leaf = x.clone()
+    opt = make_optimizer("adam", [leaf], 0.1, differentiable=True)
+    leaf.grad = torch.ones(4)
+    opt.step()
+    assert leaf.grad_fn is not None  # the step is part of the graph, as torch's is
+    p = torch.ones(4, requires_grad=True)
+    opt = make_optimizer("adam", [p], 0.1, fused=True)
+    scaler = torch.amp.GradScaler("cpu")
+    loss = (p * torch.tensor([1.0, 1.0, float("inf"), 1.0])).sum()
+    scaler.scale(loss).backward()
+    scaler.step(opt)
+    scaler.update()
+    assert torch.equal(p.detach(), torch.ones(4))  # skipped: an inf in the gradients

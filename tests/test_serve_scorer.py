@@ -185,3 +185,14 @@ def test_a_lazy_scorer_builds_the_training_matrix_once_on_first_use(art) -> None
     for t in threads:
         t.join()
     assert len(built) == 8 and all(b is built[0] for b in built)  # made once, whoever asked first
+
+
+
+def test_a_scorer_copies_and_pickles_with_its_lazy_matrix(art) -> None:
+    import copy
+    import pickle
+
+    lazy = Scorer(art, lazy=True)
+    for other in (copy.deepcopy(lazy), pickle.loads(pickle.dumps(lazy))):
+        user = art.meta.user_ids[0]
+        assert np.array_equal(other.recommend(user, k=5)[0], lazy.recommend(user, k=5)[0])

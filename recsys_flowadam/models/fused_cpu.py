@@ -72,7 +72,8 @@ def loss_and_grad(params: dict[str, torch.Tensor], batch: Coords, objective: Obj
                   extra: torch.Tensor | None = None, with_g: bool = False):
     """``(loss, grads)`` of the batch mean plus the L2 term of ``params``, as ``MiniBatchPath``
     returns them (fresh gradient tensors: an optimizer may hold one closure call's while it makes
-    the next). ``extra``: a per-rating addition to the prediction; ``with_g``: also return each
+    the next). Where the optimizer offered its step (``row_step``) and the kernel took it on the
+    user factors and biases, ``grads`` has no entry for them: their step is done. ``extra``: a per-rating addition to the prediction; ``with_g``: also return each
     rating's ``psi(r) / m`` (``(loss, grads, g)``), from which the gradient of such an addition follows."""
     k = _kernels()
     assert k is not None
@@ -149,7 +150,8 @@ def _row_steps(params: dict[str, torch.Tensor], allowed: bool) -> dict[str, Adam
         return None
     names = ["user_factors"] + (["user_bias"] if "user_bias" in params else [])
     steps = {name: offer.get(params[name]) for name in names}
-    if any(st is None for st in steps.values()) or len({st.scalars for st in steps.values()}) != 1:
+    if (any(st is None or st.taken is not None for st in steps.values())  # a step is taken once
+            or len({st.scalars for st in steps.values()}) != 1):
         return None
     for name, st in steps.items():
         p = params[name]
@@ -174,12 +176,14 @@ def row_dots(P: torch.Tensor, Q: torch.Tensor, rows_p: torch.Tensor, rows_q: tor
     """``(P[rows_p] * Q[rows_q]).sum(1)`` in one compiled pass, without the two (n, rank) gathers
     (validation of 100k ratings at rank 50: about 2 against 20 ms); None where it does not apply
     (not CPU, other dtypes, no numba): the caller gathers then."""
-    k = _kernels()
-    if (k is None or P.device.type != "cpu" or Q.device != P.device or rows_p.device != P.device
+    if (P.device.type != "cpu" or Q.device != P.device or rows_p.device != P.device
             or rows_q.device != P.device or P.dtype not in (torch.float32, torch.float64) or Q.dtype != P.dtype
             or P.dim() != 2 or Q.dim() != 2 or P.shape[1] != Q.shape[1] or rows_p.dim() != 1
             or rows_p.shape != rows_q.shape or rows_p.dtype not in (torch.int32, torch.int64)
             or rows_q.dtype != rows_p.dtype):
+        return None
+    k = _kernels()  # (numba is imported only for CPU tensors)
+    if k is None:
         return None
     n = rows_p.shape[0]
     out = np.empty(n, dtype=_np(P).dtype)

@@ -142,7 +142,8 @@ class MiniBatchPath:
         self.workspace = Workspace()
 
     def loss_and_grad(self, params: dict[str, torch.Tensor], batch: Coords | None = None):
-        """Return ``(loss, grads)`` with grads a dict like ``params`` (nothing is written to .grad)."""
+        """Return ``(loss, grads)`` with grads a dict like ``params`` (nothing is written to .grad),
+        less the parameters whose offered step the fused kernel took (``fused_cpu.loss_and_grad``)."""
         batch = self.coords if batch is None else batch
         obj = self.objective
         if self.fused and fused_cpu.supports(params, obj, batch.values.device):

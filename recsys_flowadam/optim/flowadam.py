@@ -541,12 +541,14 @@ class FlowAdam(Optimizer):
         """After an offered step: the taken parameters' step counts advance; the rest take the
         compiled pass, which also reads their statistics; x from all of them feeds the rule."""
         sums = np.zeros(3)
+        stepped = False
         for group in self.param_groups:
             rest = []
             for p in group["params"]:
                 if offer.taken(p):
                     self.state[p]["step"] += 1
                     sums += offer.get(p).taken
+                    stepped = True
                 elif p.grad is not None:
                     rest.append(p)
             if rest:
@@ -556,7 +558,9 @@ class FlowAdam(Optimizer):
                     raise RuntimeError("a gradient the compiled Adam pass cannot take (not dense, contiguous, on "
                                        "the CPU in the parameters' dtype) in a step offered to the gradient kernel")
                 sums += self._adam(group, rest, grads, sts, sums=True).reshape(3, -1).sum(axis=1)
-        self._noise_observe(gradient_departure(np.concatenate([sums[:1], sums[1:2], sums[2:]])))
+                stepped = True
+        if stepped:  # (no gradient anywhere: no step, and no statistics, as without an offer)
+            self._noise_observe(gradient_departure(sums))
 
     def _noise_observe(self, x: Any) -> None:
         """x = (n, c) of this step yields the code for the next step, then joins the statistics."""

@@ -20,6 +20,7 @@ rows while it computes them; this pass then updates the rest.
 
 from __future__ import annotations
 
+import inspect
 from typing import Any, Sequence
 
 import numpy as np
@@ -117,14 +118,23 @@ def adam_step(params: Sequence[torch.Tensor], grads: Sequence[torch.Tensor], exp
     return out.reshape(-1)
 
 
+def _plain(opt: torch.optim.Optimizer, group: dict[str, Any]) -> bool:
+    """Whether ``group`` asks for the plain step the compiled pass takes: the fused kernel, no
+    amsgrad, maximize, capturable or differentiable step, a float rate, and no AMP gradient scaling
+    (``GradScaler`` leaves unscaling and inf-skipping to a fused step: torch's does them)."""
+    return (bool(group.get("fused")) and not (group["amsgrad"] or group["maximize"] or group["capturable"]
+                                             or group["differentiable"])
+            and not isinstance(group["lr"], torch.Tensor)
+            and getattr(opt, "grad_scale", None) is None and getattr(opt, "found_inf", None) is None)
+
+
 def _compiled_group(opt: torch.optim.Optimizer, group: dict[str, Any]) -> tuple | None:
     """``(params, grads, exp_avgs, exp_avg_sqs, steps)`` of ``group`` (torch's state, made as torch
     makes it) when the compiled pass takes it, else None (torch's step serves)."""
-    if (not group.get("fused") or group["amsgrad"] or group["maximize"] or group["capturable"]
-            or group["differentiable"] or isinstance(group["lr"], torch.Tensor)):
+    if not _plain(opt, group):
         return None
     params = [p for p in group["params"] if p.grad is not None]
-    if not params or not large_enough(params) or any(p.grad.is_sparse for p in params):
+    if not params or not large_enough(params) or any(p.grad.is_sparse for p in params) or not supports(params):
         return None
     ps, gs, ms, vs, maxs, steps = [], [], [], [], [], []
     opt._init_group(group, ps, gs, ms, vs, maxs, steps)  # type: ignore[attr-defined]  (torch's own state layout)
@@ -168,9 +178,7 @@ class _CompiledCpuStep:
     def _offer(self) -> RowStepOffer | None:
         """This step offered to the gradient kernel (``row_step``), when allowed and every group qualifies."""
         groups = self.param_groups  # type: ignore[attr-defined]
-        if not self.fuse_row_steps or any(
-                not g.get("fused") or g["amsgrad"] or g["maximize"] or g["capturable"] or g["differentiable"]
-                or isinstance(g["lr"], torch.Tensor) for g in groups):
+        if not self.fuse_row_steps or not all(_plain(self, g) for g in groups):  # type: ignore[arg-type]
             return None
         if not offerable([p for g in groups for p in g["params"]]):
             return None
@@ -218,9 +226,10 @@ class _CompiledCpuStep:
             return loss
         parts = [_compiled_group(self, group) for group in self.param_groups]  # type: ignore[attr-defined]
         if any(p is None for p in parts):
-            # torch's step, as it is (unwrapped: this step already ran the optimizer's hooks)
-            base = torch.optim.Adam.step
-            getattr(base, "__wrapped__", base)(self)
+            # torch's step, as it is: unwrapped (this step already ran the optimizer's hooks), under
+            # the grad mode torch's own wrapper would set
+            with torch.set_grad_enabled(bool(self.defaults["differentiable"])):  # type: ignore[attr-defined]
+                inspect.unwrap(torch.optim.Adam.step)(self)
             return loss
         for group, group_parts in zip(self.param_groups, parts):  # type: ignore[attr-defined]
             beta1, beta2 = group["betas"]

@@ -87,6 +87,15 @@ class Scorer:
         if not lazy:
             self.train  # noqa: B018  (built now)
 
+    def __getstate__(self) -> dict:
+        state = dict(self.__dict__)
+        del state["_train_lock"]  # (a lock does not pickle or copy: a new one on the other side)
+        return state
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state)
+        self._train_lock = threading.Lock()
+
     @property
     def train(self) -> sp.csr_matrix:
         """The training pairs as a CSR matrix (what ``recommend`` excludes), built on first use when the

@@ -124,8 +124,8 @@ class Evaluator:
 
     def restore_snapshot(self, best: dict[str, torch.Tensor] | None) -> None:
         """Take a checkpoint's best parameters (on the CPU as stored) onto the parameters' device."""
-        self.best = None if best is None else {
-            k: best[k].to(device=p.device, dtype=p.dtype) for k, p in self.params.items()}
+        self.best = None if best is None else {  # copies: later snapshots are written into them
+            k: best[k].to(device=p.device, dtype=p.dtype, copy=True) for k, p in self.params.items()}
 
     def finish(self, state: LoopState) -> None:
         """Put the best parameters back; without validation the last step is the best."""
