@@ -9,8 +9,11 @@ by side in one run, for:
 * the gradient path: the hand-written ``MiniBatchPath`` (both scatter methods) and autograd
   (``AutogradPath``);
 * the optimizer: torch's Adam as it defaults on the CPU (a per-tensor loop), ``foreach=True``,
-  ``fused=True`` (what ``train`` uses on the mini-batch path) and FlowAdam's everyday preset E
-  (``train``'s default optimizer);
+  ``fused=True``, ``adam-train`` (``train``'s Adam on the mini-batch path: torch's class with
+  ``fused=True``, whose step on a large CPU model is ``optim.fused_adam``'s compiled two-thread
+  pass) and FlowAdam's everyday preset E (``train``'s default optimizer);
+* ``--paths laid-out``: the numba kernel on batches grouped by user with the optimizer's step
+  offered to it (``recsys_flowadam.row_step``), as ``train`` runs its laid-out batches;
 * the torch CPU thread count: ``--threads 1,2`` runs every variant at each count (``train``
   runs the CPU mini-batch path on one thread);
 * the compiled kernel's threads: ``--kernel-threads 1,2`` (``kernel_pool.KERNEL_THREADS``; by
@@ -54,6 +57,8 @@ OPTIMIZERS: dict[str, Callable] = {  # name -> (params, lr) -> optimizer
     "adam": lambda ps, lr: torch.optim.Adam(ps, lr=lr),
     "adam-foreach": lambda ps, lr: torch.optim.Adam(ps, lr=lr, foreach=True),
     "adam-fused": lambda ps, lr: torch.optim.Adam(ps, lr=lr, fused=True),
+    # train's Adam: torch's class, its step the compiled two-thread pass on a large CPU model (optim.fused_adam)
+    "adam-train": lambda ps, lr: make_optimizer("adam", ps, lr, fused=True),
     "flowadam": lambda ps, lr: make_optimizer("flowadam", ps, lr),  # preset E, train's default
 }
 
@@ -78,7 +83,7 @@ def _to(coords: Coords, device: torch.device) -> Coords:
 
 
 def time_steps(path, spec: ModelSpec, batches: list[Coords], device: torch.device, repeats: int,
-               make_opt: Callable) -> tuple[float, float, float, float]:
+               make_opt: Callable, laid_out: bool = False) -> tuple[float, float, float, float]:
     """Milliseconds of one step (gradient of a batch into ``.grad``, then the optimizer's step):
     ``(median wall, fastest wall, median process CPU time, minor page faults per step)``. On a
     busy machine the CPU time (all threads of this process) tells the work done when the wall
@@ -86,6 +91,10 @@ def time_steps(path, spec: ModelSpec, batches: list[Coords], device: torch.devic
     params = init_params(spec, generator=torch.Generator().manual_seed(0), device=device)
     opt = make_opt(list(params.values()), 0.01)
     names = list(params)
+    if laid_out:  # as train runs laid-out batches: grouped by user, the optimizer's step offered to the kernel
+        batches = [b.select(torch.argsort(b.users, stable=True)) for b in batches]
+        if hasattr(opt, "fuse_row_steps"):
+            opt.fuse_row_steps = True
     times, cpu, faults = [], [], 0
     for k in range(repeats + 5):
         batch = batches[k % len(batches)]
@@ -95,8 +104,8 @@ def time_steps(path, spec: ModelSpec, batches: list[Coords], device: torch.devic
 
         def closure() -> torch.Tensor:
             loss, grads = path.loss_and_grad(params, batch)
-            for name in names:
-                params[name].grad = grads[name]
+            for name in names:  # (none for a parameter whose offered step the kernel took)
+                params[name].grad = grads.get(name)
             return loss
 
         opt.step(closure)
@@ -154,7 +163,9 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=60)
     ap.add_argument("--threads", default="1,2", help="comma-separated torch CPU thread counts (0: torch's default)")
     ap.add_argument("--paths", default="minibatch-fused,minibatch,minibatch-index_add,autograd",
-                    help="minibatch-fused: the numba kernel (the CPU default for mf and biased-mf); minibatch: "
+                    help="minibatch-fused: the numba kernel (the CPU default for mf and biased-mf); laid-out: "
+                         "the same on batches grouped by user with the optimizer's step offered to the kernel, "
+                         "as train runs them (row_step); minibatch: "
                          "the torch path with sorted segment sums; row-sparse: lazy-adam's fused gradient and "
                          "update (CPU, mf/biased-mf; the optimizers list does not apply to it)")
     ap.add_argument("--optimizers", default=",".join(OPTIMIZERS), help=f"of {', '.join(OPTIMIZERS)}")
@@ -175,6 +186,7 @@ def main() -> None:
           f"{args.model}, float32, device {device}, torch's default threads {default_threads}, "
           f"load average {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
     builders = {"minibatch-fused": lambda: MiniBatchPath(batches[0], objective, scatter="fused"),
+                "laid-out": lambda: MiniBatchPath(batches[0], objective, scatter="fused"),
                 "minibatch": lambda: MiniBatchPath(batches[0], objective, scatter="segment"),
                 "minibatch-index_add": lambda: MiniBatchPath(batches[0], objective, scatter="index_add"),
                 "autograd": lambda: AutogradPath(batches[0], objective)}
@@ -194,7 +206,8 @@ def main() -> None:
                     path = builders[name]()
                     for label in args.optimizers.split(","):
                         report(f"{where} {name:19s} + {label:12s}",
-                               time_steps(path, spec, batches, device, args.repeats, OPTIMIZERS[label]))
+                               time_steps(path, spec, batches, device, args.repeats, OPTIMIZERS[label],
+                                          laid_out=name == "laid-out"))
     print(f"load average after: {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
 
 
