@@ -527,15 +527,7 @@ class FlowAdam(Optimizer):
         code = self._noise_take(coming=True)
         if code:
             return None, code
-        offer = RowStepOffer()
-        for group in self.param_groups:
-            beta1, beta2 = group["betas"]
-            for p in group["params"]:
-                step = fused_adam.row_step(self._param_state(p, group), group["lr"], beta1, beta2, group["eps"],
-                                           group["weight_decay"], decoupled=True, sums=True)
-                if step is not None:
-                    offer.add(p, step)
-        return offer, code
+        return fused_adam.make_offer(self.param_groups, self._param_state, lambda group: True, sums=True), code
 
     def _step_after_offer(self, offer: RowStepOffer) -> None:
         """After an offered step: the taken parameters' step counts advance; the rest take the
@@ -543,20 +535,13 @@ class FlowAdam(Optimizer):
         sums = np.zeros(3)
         stepped = False
         for group in self.param_groups:
-            rest = []
-            for p in group["params"]:
-                if offer.taken(p):
-                    self.state[p]["step"] += 1
-                    sums += offer.get(p).taken
-                    stepped = True
-                elif p.grad is not None:
-                    rest.append(p)
+            rest, taken_sums, taken = fused_adam.settle_offer(offer, group, self.state)
+            sums += taken_sums
+            stepped |= taken
             if rest:
                 grads = [self._grad_of(p) for p in rest]
                 sts = [self._param_state(p, group) for p in rest]
-                if not fused_adam.supports([*rest, *grads]):
-                    raise RuntimeError("a gradient the compiled Adam pass cannot take (not dense, contiguous, on "
-                                       "the CPU in the parameters' dtype) in a step offered to the gradient kernel")
+                fused_adam.check_offered_rest(rest, grads)
                 sums += self._adam(group, rest, grads, sts, sums=True).reshape(3, -1).sum(axis=1)
                 stepped = True
         if stepped:  # (no gradient anywhere: no step, and no statistics, as without an offer)

@@ -21,7 +21,7 @@ rows while it computes them; this pass then updates the rest.
 from __future__ import annotations
 
 import inspect
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import numpy as np
 import torch
@@ -29,7 +29,8 @@ import torch
 from recsys_flowadam.kernel_pool import in_two
 from recsys_flowadam.row_step import AdamRowStep, RowStepOffer, offering
 
-__all__ = ["MIN_ELEMENTS", "Adam", "AdamW", "adam_step", "kernels", "offerable", "row_step", "supports"]
+__all__ = ["MIN_ELEMENTS", "Adam", "AdamW", "adam_step", "check_offered_rest", "kernels", "make_offer", "offerable",
+           "row_step", "settle_offer", "supports"]
 
 MIN_ELEMENTS = 1_000_000
 _KERNELS: Any = None
@@ -153,6 +154,44 @@ def row_step(state: dict[str, Any], lr: float, beta1: float, beta2: float, eps: 
     return AdamRowStep(state["exp_avg"], state["exp_avg_sq"], scalars, sums)
 
 
+def make_offer(groups: Sequence[dict[str, Any]], state_of: Callable[[torch.Tensor, dict[str, Any]], dict[str, Any]],
+               decoupled_of: Callable[[dict[str, Any]], bool], sums: bool = False) -> RowStepOffer:
+    """The coming step of every parameter of ``groups`` that can be offered (:func:`row_step`), its
+    state from ``state_of(param, group)`` (made there when missing)."""
+    offer = RowStepOffer()
+    for group in groups:
+        beta1, beta2 = group["betas"]
+        for p in group["params"]:
+            step = row_step(state_of(p, group), float(group["lr"]), beta1, beta2, group["eps"], group["weight_decay"],
+                            decoupled_of(group), sums)
+            if step is not None:
+                offer.add(p, step)
+    return offer
+
+
+def settle_offer(offer: RowStepOffer, group: dict[str, Any],
+                 state: dict[torch.Tensor, Any]) -> tuple[list[torch.Tensor], np.ndarray, bool]:
+    """After an offered step: advance the step count of ``group``'s parameters whose step the kernel
+    took; returns ``(rest, sums, taken)``: the parameters with a gradient still to step, the taken
+    steps' summed statistics and whether any was taken."""
+    rest, sums, taken = [], np.zeros(3), False
+    for p in group["params"]:
+        if offer.taken(p):
+            state[p]["step"] += 1
+            sums += offer.get(p).taken
+            taken = True
+        elif p.grad is not None:
+            rest.append(p)
+    return rest, sums, taken
+
+
+def check_offered_rest(rest: Sequence[torch.Tensor], grads: Sequence[torch.Tensor]) -> None:
+    """The parameters an offered step left to the optimizer must take the compiled pass."""
+    if not supports([*rest, *grads]):
+        raise RuntimeError("a gradient the compiled Adam pass cannot take (not dense, contiguous, on the CPU in the "
+                           "parameters' dtype) in a step offered to the gradient kernel")
+
+
 def offerable(params: Sequence[torch.Tensor]) -> bool:
     """Whether steps on these parameters may be offered: large CPU models the compiled pass takes."""
     return large_enough(params) and supports(params)
@@ -182,33 +221,19 @@ class _CompiledCpuStep:
             return None
         if not offerable([p for g in groups for p in g["params"]]):
             return None
-        offer = RowStepOffer()
-        for group in groups:
-            beta1, beta2 = group["betas"]
-            for p in group["params"]:
-                step = row_step(_torch_state(self, group, p), float(group["lr"]), beta1, beta2, group["eps"],
-                                group["weight_decay"], bool(group["decoupled_weight_decay"]))
-                if step is not None:
-                    offer.add(p, step)
-        return offer
+        return make_offer(groups, lambda p, group: _torch_state(self, group, p),  # type: ignore[arg-type]
+                          lambda group: bool(group["decoupled_weight_decay"]))
 
     def _step_after_offer(self, offer: RowStepOffer) -> None:
         """Advance the step counts of the parameters whose step the kernel took; the rest, the compiled pass."""
         for group in self.param_groups:  # type: ignore[attr-defined]
-            rest = []
-            for p in group["params"]:
-                if offer.taken(p):
-                    self.state[p]["step"] += 1  # type: ignore[attr-defined]
-                elif p.grad is not None:
-                    rest.append(p)
+            rest, _, _ = settle_offer(offer, group, self.state)  # type: ignore[attr-defined]
             if not rest:
                 continue
             states = [self.state[p] for p in rest]  # type: ignore[attr-defined]
             grads = [p.grad for p in rest]
             beta1, beta2 = group["betas"]
-            if not supports([*rest, *grads]):
-                raise RuntimeError("a gradient the compiled Adam pass cannot take (not dense, contiguous, on the "
-                                   "CPU in the parameters' dtype) in a step offered to the gradient kernel")
+            check_offered_rest(rest, grads)
             adam_step(rest, grads, [st["exp_avg"] for st in states], [st["exp_avg_sq"] for st in states],
                       [st["step"] for st in states], lr=float(group["lr"]), beta1=beta1, beta2=beta2,
                       eps=group["eps"], weight_decay=group["weight_decay"],
