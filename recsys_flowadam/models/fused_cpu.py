@@ -73,8 +73,9 @@ def loss_and_grad(params: dict[str, torch.Tensor], batch: Coords, objective: Obj
     """``(loss, grads)`` of the batch mean plus the L2 term of ``params``, as ``MiniBatchPath``
     returns them (fresh gradient tensors: an optimizer may hold one closure call's while it makes
     the next). Where the optimizer offered its step (``row_step``) and the kernel took it on the
-    user factors and biases, ``grads`` has no entry for them: their step is done. ``extra``: a per-rating addition to the prediction; ``with_g``: also return each
-    rating's ``psi(r) / m`` (``(loss, grads, g)``), from which the gradient of such an addition follows."""
+    user factors and biases, ``grads`` has no entry for them: their step is done. ``extra``: a
+    per-rating addition to the prediction; ``with_g``: also return each rating's ``psi(r) / m``
+    (``(loss, grads, g)``), from which the gradient of such an addition follows."""
     k = _kernels()
     assert k is not None
     total = 0.0

@@ -164,8 +164,8 @@ def auto_eps(batch_size: int, rating_std: float, init_std: float = AUTO_INIT_STD
     gradients pass ``eps``. The unit follows the batch: a touched row's gradient is a few ratings'
     share of the batch mean. Measured on that problem (rank 50, init 0.01, lazy Adam): 1 unit
     0.786 (rising after pass 4), 3 units 0.785, 10 units 0.7707 after 10 passes (batches of 20k);
-    14 units at the automatic batch 0.7741 after 4 passes (dense Adam and FlowAdam E alike; five passes of 1/50 since: 0.7732). The
-    trainer scales it to a given ``init_std``."""
+    14 units at the automatic batch 0.7741 after 4 passes (dense Adam and FlowAdam E alike; five
+    passes of 1/50 since: 0.7732). The trainer scales it to a given ``init_std``."""
     return AUTO_EPS_UNITS * 2.0 * max(rating_std, 1e-12) * init_std / batch_size
 
 

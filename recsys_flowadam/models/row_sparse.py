@@ -14,7 +14,8 @@ The objective. Each rating carries its share of the L2 terms: ``lam * c_u ||U_u|
 weight is the share), so the mean over all ratings is exactly the model's objective and the batch
 mean an unbiased estimate of it, with a gradient only on the rows the batch touches. The
 reported loss is that estimate. With uniform L2 a rarely rated row's ``c_u`` is large (the
-number of ratings over its count), so the estimate is noisy where frequency weighting's is not. For mf and biased-mf, MSE or Huber, float32 or float64.
+number of ratings over its count), so the estimate is noisy where frequency weighting's is not.
+For mf and biased-mf, MSE or Huber, float32 or float64.
 """
 
 from __future__ import annotations

@@ -55,7 +55,7 @@ class Scorer:
     first ``recommend`` instead of now."""
 
     def __init__(self, artifact: Artifact, *, num_threads: int = 1, lazy: bool = False) -> None:
-        meta, t = artifact.meta, artifact.tensors
+        meta = artifact.meta
         self.artifact = artifact
         self.meta = meta
         self.num_threads = num_threads
@@ -75,7 +75,7 @@ class Scorer:
         # user_rows[u] . item_rows[i] = the rule's rating (cold start included); the last row of
         # each stands for an ID the artifact does not list
         self.user_rows, self.item_rows = fold_rows(self.rule)
-        n_users, n_items, rank = meta.n_users, meta.n_items, meta.rank
+        n_items, rank = meta.n_items, meta.rank
         V = self.item_rows[:n_items, :rank]  # served item factors (cp: context-averaged; cold: 0)
         self._item_candidates = self.item_rows[:n_items]  # top-k candidates: the real items only
         norms = np.linalg.norm(V, axis=1, keepdims=True)

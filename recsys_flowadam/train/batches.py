@@ -302,9 +302,10 @@ class ShardMiniBatches(_MiniBatches):
 
 def random_batch_labels(n: int, batch_size: int, gen: torch.Generator) -> np.ndarray:
     """Each of ``n`` ratings' batch: ``batch_size`` ratings per batch (the last one the rest), a
-    uniformly random partition (up to the shuffle's index bias, below n / 2^32 per draw). Batch labels shuffled in place (``models.row_sparse_kernels.
-    shuffle_labels``, seeded by a number drawn from ``gen``); a byte or two per rating, so the
-    shuffle stays in cache: 0.04 s at 9M ratings against 0.25-0.45 s for ``randperm`` of all of them."""
+    uniformly random partition (up to the shuffle's index bias, below n / 2^32 per draw). Batch
+    labels shuffled in place (``models.row_sparse_kernels.shuffle_labels``, seeded by a number
+    drawn from ``gen``); a byte or two per rating, so the shuffle stays in cache: 0.04 s at 9M
+    ratings against 0.25-0.45 s for ``randperm`` of all of them."""
     from recsys_flowadam.models.row_sparse import _kernels
 
     k = _kernels()
@@ -319,11 +320,11 @@ def random_batch_labels(n: int, batch_size: int, gen: torch.Generator) -> np.nda
 class SlottedMiniBatches(_MiniBatches):
     """Batches cut once and laid out (``models.row_sparse.SlottedRatings``): the ratings are cut
     into batches by shuffled batch labels (:func:`random_batch_labels`, seeded from the shuffle
-    generator) when the source is made, and
-    laid out batch by batch, user by user inside a batch; every epoch visits the batches in a new
-    order (one ``randperm`` of the batch count). A batch is its number (``Batch.index``: lazy
-    Adam's step reads the layout itself) and, with ``as_coords``, also its slice of the layout as
-    ``Coords`` (views, no copy: the CPU mini-batch paths of MF and biased MF).
+    generator) when the source is made, and laid out batch by batch, user by user inside a batch;
+    every epoch visits the batches in a new order (one ``randperm`` of the batch count). A batch is
+    its number (``Batch.index``: lazy Adam's step reads the layout itself) and, with ``as_coords``,
+    also its slice of the layout as ``Coords`` (views, no copy: the CPU mini-batch paths of MF and
+    biased MF).
 
     Why on the CPU: a fresh permutation per epoch (0.35 s at 9M ratings) and gathering each batch
     through it (5 ms a step at 111k) cost about a fifth of a 10M run; the batches' user order also

@@ -27,8 +27,9 @@ and a non-finite one is reported there with the step it happened at.
 
 Seeding: ``seed`` draws the initial factors (CPU generator ``seed``, then moved to the
 device) and the mini-batch order (a second CPU generator, ``seed + 1``: reshuffled every
-epoch, or on the CPU for MF and biased MF cut once and reordered every epoch). On the CPU the same seed gives bit-identical runs, and a run resumed from a
-checkpoint ends with exactly the metrics of an uninterrupted one.
+epoch, or on the CPU for MF and biased MF cut once and reordered every epoch). On the CPU the
+same seed gives bit-identical runs, and a run resumed from a checkpoint ends with exactly the
+metrics of an uninterrupted one.
 
 Distributed (``torch.distributed`` initialised with more than one rank, e.g. under torchrun;
 see ``distributed``): each rank builds its gradient path on its shard of the training
@@ -468,9 +469,8 @@ def train_model(
     lr_decay = None if choice.lr_half_life_steps is None else LrDecay(
         opt, choice.lr_half_life_steps, choice.lr_scale, choice.lr_hold_steps)
     ckpt = Path(checkpoint_path) if checkpoint_path is not None else None
-    resolved = {"init_std": init_std} | ({"minibatch_order": "cut once by shuffled labels, reordered every epoch" if laid_out
-                                           else "reshuffled every epoch"} if choice.representation == "minibatch"
-                                          else {})
+    order = "cut once by shuffled labels, reordered every epoch" if laid_out else "reshuffled every epoch"
+    resolved = {"init_std": init_std} | ({"minibatch_order": order} if choice.representation == "minibatch" else {})
     fp = (fingerprint(config, train, data.world_size, data_identity, resolved)
           if resume or (ckpt is not None and config.checkpoint_every) else {})  # hashing the data costs time
     checkpointer = Checkpointer(ckpt, config.checkpoint_every, data.is_main, fp)
