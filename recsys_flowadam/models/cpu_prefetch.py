@@ -15,14 +15,7 @@ from numba.extending import intrinsic
 _I32 = ir.IntType(32)
 
 
-@intrinsic
-def prefetch(typingctx, arr, row, col):
-    """Prefetch ``arr[row, col]`` of a 2-D array for writing (the kernels update the rows they read),
-    into every cache level; no bounds check, as none is needed for a hint."""
-    if not (isinstance(arr, types.Array) and arr.ndim == 2 and isinstance(row, types.Integer)
-            and isinstance(col, types.Integer)):
-        return None
-
+def _prefetch_codegen(for_write: int):
     def codegen(context, builder, signature, args):
         array_type, row_type, col_type = signature.args
         array = context.make_array(array_type)(context, builder, args[0])
@@ -32,9 +25,27 @@ def prefetch(typingctx, arr, row, col):
         byte_pointer = ir.IntType(8).as_pointer()
         hint = builder.module.declare_intrinsic(
             "llvm.prefetch", [byte_pointer], ir.FunctionType(ir.VoidType(), [byte_pointer, _I32, _I32, _I32]))
-        # (address, 1: for a write, 3: keep in every level, 1: the data cache)
-        builder.call(hint, [builder.bitcast(address, byte_pointer), ir.Constant(_I32, 1), ir.Constant(_I32, 3),
-                            ir.Constant(_I32, 1)])
+        # (address, 0: for a read / 1: for a write, 3: keep in every level, 1: the data cache)
+        builder.call(hint, [builder.bitcast(address, byte_pointer), ir.Constant(_I32, for_write),
+                            ir.Constant(_I32, 3), ir.Constant(_I32, 1)])
         return context.get_dummy_value()
 
-    return types.void(arr, row, col), codegen
+    return codegen
+
+
+def _typed(arr, row, col) -> bool:
+    return (isinstance(arr, types.Array) and arr.ndim == 2 and isinstance(row, types.Integer)
+            and isinstance(col, types.Integer))
+
+
+@intrinsic
+def prefetch(typingctx, arr, row, col):
+    """Prefetch ``arr[row, col]`` of a 2-D array for writing (the gradient kernel updates the rows
+    it reads), into every cache level; no bounds check, as none is needed for a hint."""
+    return (types.void(arr, row, col), _prefetch_codegen(1)) if _typed(arr, row, col) else None
+
+
+@intrinsic
+def prefetch_read(typingctx, arr, row, col):
+    """:func:`prefetch` for a row that is only read."""
+    return (types.void(arr, row, col), _prefetch_codegen(0)) if _typed(arr, row, col) else None

@@ -6,7 +6,7 @@ Top-level functions so that numba's on-disk cache finds them again in a new proc
 import numba
 import numpy as np
 
-from recsys_flowadam.models.cpu_prefetch import prefetch
+from recsys_flowadam.models.cpu_prefetch import prefetch, prefetch_read
 
 # the gradient kernel asks for the item row of the rating this many places ahead (4-8 measured alike)
 PREFETCH_AHEAD = 6
@@ -225,7 +225,18 @@ def penalty_init(P, G, w, lam):
 def row_dots(P, Q, rows_p, rows_q, out):
     """``out[k] = P[rows_p[k]] . Q[rows_q[k]]`` (every row index checked), summed in P's dtype."""
     n_p, n_q = P.shape[0], Q.shape[0]
-    for k in range(out.shape[0]):
+    n = out.shape[0]
+    width = P.shape[1]
+    line = max(1, 64 // P.itemsize)
+    for k in range(n):
+        if k + PREFETCH_AHEAD < n:  # both rows of the pair a few places on (random reads, as in data_term)
+            a, b = rows_p[k + PREFETCH_AHEAD], rows_q[k + PREFETCH_AHEAD]
+            if 0 <= a < n_p and 0 <= b < n_q and width > 0:
+                for f in range(0, width, line):
+                    prefetch_read(P, a, f)
+                    prefetch_read(Q, b, f)
+                prefetch_read(P, a, width - 1)
+                prefetch_read(Q, b, width - 1)
         a, b = rows_p[k], rows_q[k]
         if a < 0 or a >= n_p or b < 0 or b >= n_q:
             raise IndexError("a row index lies outside the factor tables")
