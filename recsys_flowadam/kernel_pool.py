@@ -15,11 +15,11 @@ from __future__ import annotations
 
 import os
 import threading
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager
 from typing import Callable, Iterator, TypeVar
 
-__all__ = ["KERNEL_THREADS", "THREADS_VARIABLE", "in_two", "kernel_threads"]
+__all__ = ["KERNEL_THREADS", "THREADS_VARIABLE", "in_background", "in_two", "kernel_threads"]
 
 T, U = TypeVar("T"), TypeVar("U")
 THREADS_VARIABLE = "RECSYS_FLOWADAM_KERNEL_THREADS"
@@ -65,15 +65,33 @@ def kernel_threads(n: int | None) -> Iterator[None]:
         KERNEL_THREADS = before
 
 
-def in_two(first: Callable[[], T], second: Callable[[], U]) -> tuple[T, U]:
-    """``(first(), second())``, the second on the worker thread while the first runs here when
-    ``KERNEL_THREADS`` allows (for compiled kernels that release the GIL), else one after the other."""
+def _pool() -> ThreadPoolExecutor:
     global _POOL
-    if KERNEL_THREADS < 2:
-        return first(), second()
     with _POOL_LOCK:
         if _POOL is None:
             _POOL = ThreadPoolExecutor(max_workers=1, thread_name_prefix="recsys-kernels")
-        pool = _POOL
-    later = pool.submit(second)
+        return _POOL
+
+
+def in_two(first: Callable[[], T], second: Callable[[], U]) -> tuple[T, U]:
+    """``(first(), second())``, the second on the worker thread while the first runs here when
+    ``KERNEL_THREADS`` allows (for compiled kernels that release the GIL), else one after the other."""
+    if KERNEL_THREADS < 2:
+        return first(), second()
+    later = _pool().submit(second)
     return first(), later.result()
+
+
+def in_background(work: Callable[[], T]) -> Future:
+    """A future of ``work()``, run on the worker thread while the caller goes on when
+    ``KERNEL_THREADS`` allows, else here and now (its error then waits in the future too). For work
+    needed later that can fill the second core while the caller runs on one (a compiled kernel that
+    releases the GIL); an ``in_two`` submitted meanwhile waits for it."""
+    if KERNEL_THREADS >= 2:
+        return _pool().submit(work)
+    done: Future = Future()
+    try:
+        done.set_result(work())
+    except Exception as error:  # (as the pool's future would hold it)
+        done.set_exception(error)
+    return done

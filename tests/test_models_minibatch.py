@@ -331,6 +331,28 @@ def test_kernel_threads_come_from_the_environment(monkeypatch):
         assert kernel_pool.KERNEL_THREADS == 2
 
 
+@pytest.mark.parametrize("threads", [1, 2])
+def test_background_work_runs_on_the_worker_or_here_and_keeps_its_error(monkeypatch, threads):
+    import threading
+
+    from recsys_flowadam import kernel_pool
+
+    monkeypatch.setattr(kernel_pool, "KERNEL_THREADS", threads)
+    here = threading.current_thread()
+    ran_on = kernel_pool.in_background(threading.current_thread).result(timeout=60)
+    assert (ran_on is here) == (threads == 1)
+
+    def fails():
+        raise ValueError("broken work")
+
+    pending = kernel_pool.in_background(fails)  # the caller goes on; the error comes with the result
+    with pytest.raises(ValueError, match="broken work"):
+        pending.result(timeout=60)
+    # an in_two submitted after background work waits for it instead of failing
+    slow = kernel_pool.in_background(lambda: sum(range(200_000)))
+    assert kernel_pool.in_two(lambda: 1, lambda: 2) == (1, 2) and slow.result(timeout=60) == sum(range(200_000))
+
+
 def test_median_user_halves_the_ratings_in_any_order():
     from recsys_flowadam.models import fused_cpu
 

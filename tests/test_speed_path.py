@@ -307,6 +307,14 @@ def test_large_automatic_run_folds_most_of_val_into_one_run(monkeypatch):
     assert pairs(held) | (pairs(fit_train) - pairs(train)) == pairs(val)
     assert not pairs(held) & pairs(fit_train)
     assert fit.result.best_val_rmse == pytest.approx(fit.metrics["val_rmse"], abs=0.05)
+    # the artifact's CSR, built during training, is the one of the ratings the model was fitted on
+    from recsys_flowadam.train.export import train_csr
+
+    assert fit.pending_csr is not None
+    indptr, items = fit.training_csr()
+    want_indptr, want_items = train_csr(fit.fit_ratings)
+    assert np.array_equal(indptr, want_indptr) and np.array_equal(items, want_items)
+    assert indptr[-1] == 1400
     # the two-run rule stays where the automatic mini-batch path is not taken, or refit is off
     for changed in ({"refit": False}, {"batch_size": 300}, {"optimizer": "lbfgs"}, {"representation": "sparse"}):
         cfg = TrainConfig(**{**config.to_dict(), **changed})

@@ -145,8 +145,9 @@ def _save_fold(out_dir: Path, data: DataConfig, fit: Fit, test: dict[str, Any], 
     from recsys_flowadam.train.pipeline import artifact_train_config, metric_block, run_metrics, save_or_rescue
 
     metrics = {**fit.metrics, **metric_block("test", test), **run_metrics(fit.result)}
-    tensors, meta = artifact_payload(fit.result, fit.fit_ratings, dataset_name=data.dataset, split=data.split,
-                                     seed=fit.config.seed, metrics=metrics,
+    tensors, meta = artifact_payload(fit.result, fit.fit_ratings, csr=fit.training_csr(),
+                                     dataset_name=data.dataset, split=data.split, seed=fit.config.seed,
+                                     metrics=metrics,
                                      train_config=artifact_train_config(data, fit.config, fit.result, edges,
                                                                         fit.reg_search))
     save_or_rescue(out_dir, tensors, meta, fit.result.history)

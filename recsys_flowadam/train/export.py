@@ -31,12 +31,13 @@ def train_csr(train: Ratings) -> tuple[np.ndarray, np.ndarray]:
         from recsys_flowadam.models.fused_kernels import csr_of_pairs
 
         return csr_of_pairs(train.users, train.items, train.n_users, train.n_items)
-    width = np.int64(max(train.n_items, 1))  # one sort of user * width + item: 10x lexsort's speed at 10M
-    keys = np.sort(train.users.astype(np.int64) * width + train.items)
-    counts = np.bincount(train.users, minlength=train.n_users)
-    indptr = np.zeros(train.n_users + 1, dtype=np.int64)
-    np.cumsum(counts, out=indptr[1:])
-    return indptr, (keys % width).astype(np.int64)
+    with small_pages():
+        width = np.int64(max(train.n_items, 1))  # one sort of user * width + item: 10x lexsort's speed at 10M
+        keys = np.sort(train.users.astype(np.int64) * width + train.items)
+        counts = np.bincount(train.users, minlength=train.n_users)
+        indptr = np.zeros(train.n_users + 1, dtype=np.int64)
+        np.cumsum(counts, out=indptr[1:])
+        return indptr, (keys % width).astype(np.int64)
 
 
 def _titles(ratings: Ratings) -> list[str | None] | None:
@@ -54,11 +55,12 @@ def artifact_payload(
     seed: int,
     metrics: Mapping[str, Any],
     train_config: Mapping[str, Any],
+    csr: tuple[np.ndarray, np.ndarray] | None = None,
 ) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
-    """``(tensors, meta)`` for :func:`recsys_flowadam.artifact.save_artifact`."""
+    """``(tensors, meta)`` for :func:`recsys_flowadam.artifact.save_artifact`; ``csr``: ``train``'s
+    :func:`train_csr` where it is built already (None: built here)."""
     tensors = {name: t.detach().to("cpu", dtype=torch.float32).numpy() for name, t in result.params.items()}
-    with small_pages():
-        tensors["train_indptr"], tensors["train_items"] = train_csr(train)
+    tensors["train_indptr"], tensors["train_items"] = train_csr(train) if csr is None else csr
     meta = {
         "model_type": result.spec.model_type,
         "rank": result.spec.rank,
