@@ -359,6 +359,12 @@ def test_median_user_halves_the_ratings_in_any_order():
     users = np.array([5, 0, 5, 2, 5, 2, 7, 0, 5, 1])  # sorted: 0 0 1 2 2 | 5 5 5 5 7
     assert fused_cpu.median_user(users, 9) == 5 == int(np.sort(users)[len(users) // 2])
     assert fused_cpu.median_user(np.sort(users), 9) == 5
+    rng = np.random.default_rng(3)  # grouped (read at the middle) or not (counted): the same user
+    for n in (1, 2, 3, 8, 101):
+        for _ in range(50):
+            users = rng.integers(0, 6, n)
+            counted = int(np.searchsorted(np.cumsum(np.bincount(users, minlength=6)), n // 2, side="right"))
+            assert fused_cpu.median_user(users, 6) == counted == fused_cpu.median_user(np.sort(users), 6)
 
 
 def test_fused_kernel_keeps_a_nan_and_falls_back_without_numba(monkeypatch):

@@ -50,8 +50,7 @@ def _kernels() -> dict[str, Any] | None:
         except ImportError:  # no numba: the torch path serves instead
             _KERNELS = {}
             return None
-        _KERNELS = {"data_term": fused_kernels.data_term, "penalty_init": fused_kernels.penalty_init,
-                    "row_dots": fused_kernels.row_dots}
+        _KERNELS = {"data_term": fused_kernels.data_term, "row_dots": fused_kernels.row_dots}
     return _KERNELS or None
 
 
@@ -78,24 +77,10 @@ def loss_and_grad(params: dict[str, torch.Tensor], batch: Coords, objective: Obj
     (``(loss, grads, g)``), from which the gradient of such an addition follows."""
     k = _kernels()
     assert k is not None
-    total = 0.0
-    grads: dict[str, torch.Tensor] = {}
     steps = _row_steps(params, extra is None and not with_g)
-    for name, p in params.items():
-        if steps is not None and name in steps:  # the kernel takes Adam's step on these rows itself
-            continue
-        g = torch.empty(p.shape, dtype=p.dtype)
-        lam = objective.bias_reg if name.endswith("_bias") else objective.reg
-        if name.startswith("user_"):  # the kernel writes these rows whole, L2 term included
-            pass
-        elif lam:
-            w = objective.row_weights(name)
-            w_np = np.empty(0, dtype=np.float64) if w is None else _np(w.to(torch.float64))
-            P = _np(p.contiguous())
-            total += k["penalty_init"](P.reshape(len(P), -1), _np(g).reshape(len(P), -1), w_np, float(lam))
-        else:
-            g.zero_()
-        grads[name] = g
+    # the kernel writes every gradient whole, the L2 terms included (the items' in the first half)
+    grads = {name: torch.empty(p.shape, dtype=p.dtype) for name, p in params.items()
+             if steps is None or name not in steps}  # (no gradient where the kernel takes Adam's step)
     U, V = _np(params["user_factors"].contiguous()), _np(params["item_factors"].contiguous())
     has_bias = "user_bias" in params
     empty = np.empty(0, dtype=U.dtype)
@@ -109,38 +94,44 @@ def loss_and_grad(params: dict[str, torch.Tensor], batch: Coords, objective: Obj
     like = U.dtype.type  # the per-rating arithmetic stays in the parameters' dtype
     extra_np = empty if extra is None else _np(extra.to(params["user_factors"].dtype).contiguous())
     g = torch.empty(len(users), dtype=params["user_factors"].dtype) if with_g else None
-    w_user = objective.row_weights("user_factors")  # the kernel weighs b_u's L2 term alike
-    w_user_np = np.empty(0, dtype=np.float64) if w_user is None else _np(w_user.to(torch.float64).contiguous())
+    w_user_np = _weights(objective, "user_factors")  # the kernel weighs b_u's L2 term alike
+    w_item_np, w_item_bias_np = _weights(objective, "item_factors"), _weights(objective, "item_bias")
     dU, dV = (empty.reshape(0, 0) if steps is not None else _np(grads["user_factors"])), _np(grads["item_factors"])
     moments = _row_step_arrays(steps, has_bias, empty)
 
-    def users_in(lo: int, hi: int, dV_part: np.ndarray, dbi_part: np.ndarray) -> tuple[float, ...]:
+    def users_in(lo: int, hi: int, dV_part: np.ndarray, dbi_part: np.ndarray, item_l2: bool) -> tuple[float, ...]:
         return k["data_term"](
             users, items, values, U, V, bu, bi, like(objective.offset), objective.loss == "huber",
             like(objective.huber_delta), like(2.0 / max(len(users), 1)), dU, dV_part, dbu, dbi_part, extra_np,
             empty if g is None else _np(g), w_user_np, float(objective.reg), float(objective.bias_reg), lo, hi,
-            *moments)
+            *moments, item_l2, w_item_np, w_item_bias_np)
 
     n_users = len(U)
     if len(users) < PARALLEL_MIN_RATINGS:
-        data, user_penalty, *sums = users_in(0, n_users, dV, dbi)
+        data, penalty, *sums = users_in(0, n_users, dV, dbi, True)
     else:
         # two halves of the users (at once when KERNEL_THREADS allows; the kernel releases the
         # GIL), split at the batch's median user; each half writes its own users' rows, the
         # second half's item gradients go to a buffer of their own, added after
         split = median_user(users, n_users)
-        dV_second, dbi_second = np.zeros_like(dV), np.zeros_like(dbi)
-        first, second = in_two(lambda: users_in(0, split, dV, dbi),
-                               lambda: users_in(split, n_users, dV_second, dbi_second))
-        data, user_penalty, *sums = (a + b for a, b in zip(first, second))
+        dV_second, dbi_second = np.empty_like(dV), np.empty_like(dbi)
+        first, second = in_two(lambda: users_in(0, split, dV, dbi, True),
+                               lambda: users_in(split, n_users, dV_second, dbi_second, False))
+        data, penalty, *sums = (a + b for a, b in zip(first, second))
         dV += dV_second
         dbi += dbi_second
     if steps is not None:  # taken: the rows' statistics, for whoever asked (FlowAdam's trigger)
         steps["user_factors"].taken = np.array(sums, dtype=np.float64)
         if has_bias:
             steps["user_bias"].taken = np.zeros(3)  # (counted with the factors' rows)
-    loss = torch.tensor(data + user_penalty + total, dtype=params["user_factors"].dtype)
+    loss = torch.tensor(data + penalty, dtype=params["user_factors"].dtype)
     return (loss, grads, g) if with_g else (loss, grads)
+
+
+def _weights(objective: Objective, name: str) -> np.ndarray:
+    """``name``'s L2 row weights as the kernel takes them (float64; empty: uniform 1)."""
+    w = objective.row_weights(name)
+    return np.empty(0, dtype=np.float64) if w is None else _np(w.to(torch.float64).contiguous())
 
 
 def _row_steps(params: dict[str, torch.Tensor], allowed: bool) -> dict[str, AdamRowStep] | None:
@@ -200,5 +191,9 @@ def row_dots(P: torch.Tensor, Q: torch.Tensor, rows_p: torch.Tensor, rows_q: tor
 
 def median_user(users: np.ndarray, n_users: int) -> int:
     """The first user at or past whom half of the ratings lie (the split of :func:`loss_and_grad`):
-    even halves whatever the batch's order."""
-    return int(np.searchsorted(np.cumsum(np.bincount(users, minlength=n_users)), len(users) // 2, side="right"))
+    even halves whatever the batch's order. Batches laid out user by user (``SlottedMiniBatches``)
+    hold it at their middle position: one comparison pass instead of a count of all the users."""
+    middle = len(users) // 2
+    if len(users) and users[0] >= 0 and users[-1] < n_users and bool(np.all(users[1:] >= users[:-1])):
+        return int(users[middle])
+    return int(np.searchsorted(np.cumsum(np.bincount(users, minlength=n_users)), middle, side="right"))

@@ -63,9 +63,9 @@ def loss_terms(r, huber, delta, scale):
 
 @jit
 def data_term(users, items, values, U, V, bu, bi, offset, huber, delta, scale, dU, dV, dbu, dbi, extra, g_out,
-              w_user, lam, lam_bias, u_lo, u_hi, mU, vU, mbu, vbu, adam):
+              w_user, lam, lam_bias, u_lo, u_hi, mU, vU, mbu, vbu, adam, item_l2, w_item, w_item_bias):
     """The data term of the batch's ratings by users ``u_lo <= u < u_hi`` and those users' L2 term
-    in one walk over them; returns ``(sum rho(r) / m, their L2 value, gg, mm, gm)`` (``m``: the
+    in one walk over them; returns ``(sum rho(r) / m, the L2 value, gg, mm, gm)`` (``m``: the
     whole batch; the last three: see ``adam``).
 
     ``adam`` (empty: none): Adam's step on those users' rows taken here, as each row's gradient is
@@ -74,9 +74,11 @@ def data_term(users, items, values, U, V, bu, bi, offset, huber, delta, scale, d
     written, and ``gg, mm, gm`` are the rows' g.g, m.m and g.m (m before the step) in float64.
 
     Writes those users' rows of ``dU`` (and ``dbu``): the L2 gradient ``2 lam w_u U_u`` (``w_user`` empty:
-    uniform 1; ``lam_bias`` for ``b_u``) plus the data gradient. Adds into ``dV`` (and ``dbi``),
-    which the caller initialises (with the items' L2 gradient, or zeros for a second range of users
-    whose item gradients are added afterwards). ``extra`` (empty: none): a per-rating
+    uniform 1; ``lam_bias`` for ``b_u``) plus the data gradient. Writes all of ``dV`` (and ``dbi``):
+    these users' item gradients plus, with ``item_l2``, the items' L2 gradient (``2 lam w_i V_i``,
+    ``2 lam_bias w_i b_i``; weights ``w_item``/``w_item_bias``, empty: uniform 1), whose value then
+    joins the returned L2 value; a second range of users (``item_l2`` False) has its item
+    gradients added by the caller. ``extra`` (empty: none): a per-rating
     addition to the prediction (the time models' terms); ``g_out`` (empty: not wanted): receives
     each rating's ``psi(r) / m``, for the gradients of such terms.
 
@@ -112,12 +114,23 @@ def data_term(users, items, values, U, V, bu, bi, offset, huber, delta, scale, d
     gm = 0.0
     width = 2 * rank + 2
     items_rows = np.empty((n_items, width), dtype=V.dtype)  # [V_i, b_i, dV_i, db_i]
-    for i in range(n_items):
+    penalty = 0.0
+    zero = U.dtype.type(0.0)
+    for i in range(n_items):  # (the items' L2 gradient computed in float64, then rounded)
+        c = lam * (w_item[i] if w_item.shape[0] > 0 else 1.0) if item_l2 else 0.0
+        sq = 0.0
         for f in range(rank):
-            items_rows[i, f] = V[i, f]
-            items_rows[i, rank + 1 + f] = dV[i, f]
-        items_rows[i, rank] = bi[i] if has_bias else U.dtype.type(0.0)
-        items_rows[i, width - 1] = dbi[i] if has_bias else U.dtype.type(0.0)
+            p = V[i, f]
+            items_rows[i, f] = p
+            sq += p * p
+            items_rows[i, rank + 1 + f] = 2.0 * c * p
+        penalty += c * sq
+        items_rows[i, rank] = bi[i] if has_bias else zero
+        items_rows[i, width - 1] = zero
+        if has_bias and item_l2:
+            c_b = lam_bias * (w_item_bias[i] if w_item_bias.shape[0] > 0 else 1.0)
+            items_rows[i, width - 1] = 2.0 * c_b * bi[i]
+            penalty += c_b * (bi[i] * bi[i])
     for k in range(m):
         if items[k] < 0 or items[k] >= n_items:
             raise IndexError("a rating's item index lies outside the factor tables")
@@ -125,7 +138,6 @@ def data_term(users, items, values, U, V, bu, bi, offset, huber, delta, scale, d
     u_row = np.empty(rank, dtype=U.dtype)
     g_row = np.empty(rank, dtype=U.dtype)
     total = 0.0
-    penalty = 0.0
     n_in = start[n_users]  # the ratings of this range of users, in visiting order
     line = max(1, 64 // items_rows.itemsize)  # elements a cache line
     for u in range(u_lo, u_hi):
@@ -201,24 +213,6 @@ def data_term(users, items, values, U, V, bu, bi, offset, huber, delta, scale, d
         if has_bias:
             dbi[i] = items_rows[i, width - 1]
     return total / max(m, 1), penalty, gg, mm, gm
-
-
-@jit
-def penalty_init(P, G, w, lam):
-    """``G = 2 lam w * P`` row by row (``w`` empty: uniform 1); returns ``lam sum w ||P_r||^2``."""
-    n = P.shape[0]
-    cols = P.shape[1]
-    weighted = w.shape[0] > 0
-    total = 0.0
-    for row in range(n):
-        c = lam * (w[row] if weighted else 1.0)
-        s = 0.0
-        for f in range(cols):
-            p = P[row, f]
-            s += p * p
-            G[row, f] = 2.0 * c * p
-        total += c * s
-    return total
 
 
 @jit
