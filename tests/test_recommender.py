@@ -79,6 +79,32 @@ def test_fit_predict_with_raw_int_ids(fitted, data):
     assert ((pred >= 1) & (pred <= 5)).all()
 
 
+def test_every_form_of_ids_is_matched_as_one_by_one(fitted, data):
+    from recsys_flowadam.serve.scorer import Scorer
+
+    train, _ = data
+    users = np.r_[train["user"].to_numpy()[:40], [-5, 10**9]]  # two IDs the model does not list
+    items = np.r_[train["item"].to_numpy()[:40], [train["item"].iloc[0], -6]]
+    # the reference: each ID made the artifact's string and looked up alone (the service's way)
+    want = Scorer(fitted.artifact_).predict([str(u) for u in users], [str(i) for i in items]).ratings
+    forms = {"int64 arrays": (users, items), "int32 arrays": (users.astype(np.int32), items.astype(np.int32)),
+             "lists of ints": (users.tolist(), items.tolist()),
+             "integral floats": (users.astype(float), items.astype(float)),
+             "strings": (users.astype(str), items.astype(str)),
+             "object strings": (users.astype(str).astype(object), items.astype(str).astype(object)),
+             "mixed objects": ([int(u) if k % 2 else str(u) for k, u in enumerate(users)],
+                               [float(i) if k % 3 else str(i) for k, i in enumerate(items)]),
+             "pandas series": (pd.Series(users), pd.Series(items))}
+    for name, (u, i) in forms.items():
+        np.testing.assert_array_equal(fitted.predict(u, i), want, err_msg=name)
+    with pytest.raises(ValueError, match=r"users: 1.5 is not a valid ID"):
+        fitted.predict(np.array([1.5]), [items[0]])
+    with pytest.raises(ValueError, match="items: nan is not a valid ID"):
+        fitted.predict([users[0]], [float("nan")])
+    with pytest.raises(ValueError, match="predict: 2 users but 1 items"):
+        fitted.predict(users[:2], items[:1])
+
+
 def test_unknown_ids_get_the_cold_start_rule(fitted, data):
     train, _ = data
     meta = fitted.artifact_.meta
