@@ -95,14 +95,15 @@ class SlottedRatings:
         self.users, self.items, self.values = np.empty_like(users), np.empty_like(items), np.empty_like(values)
         out = (self.users, self.items, self.values)
         if labels is not None:
-            if labels.shape != (n,) or (n and (labels.min() < 0 or labels.max() >= self.n_batches)):
-                raise ValueError(f"labels must give each of the {n} ratings a batch in 0..{self.n_batches - 1}")
-            sizes = np.bincount(labels, minlength=self.n_batches)
-            if not np.array_equal(sizes, np.diff(self.starts)):
-                raise ValueError(f"labels must put {batch_size} ratings in each batch (the last: the rest)")
+            if labels.shape != (n,):
+                raise ValueError(f"labels must give each of the {n} ratings a batch, got shape {labels.shape}")
 
-            def place(first: int, last: int) -> None:
-                k.group_by_label(users, items, values, labels, self.starts, first, last, *out)
+            def place(first: int, last: int) -> None:  # (the kernel checks every label as it reads it)
+                try:
+                    k.group_by_label(users, items, values, labels, self.starts, first, last, *out)
+                except ValueError as error:
+                    raise ValueError(f"labels must give each of the {n} ratings a batch in 0..{self.n_batches - 1}, "
+                                     f"{batch_size} ratings in each batch (the last: the rest): {error}") from None
         else:
             order = _np(perm)
             if order.shape != (n,):

@@ -42,12 +42,18 @@ def group_by_label(users, items, values, labels, starts, first, last, out_users,
     """The ratings of batches ``first <= b < last`` (``labels[k]``: rating k's batch) copied to their
     batch's positions ``starts[b]:starts[b + 1]`` of the ``out_*`` arrays, in rating order: one
     sequential read of the ratings, writes into as many streams as batches. Calls on disjoint batch
-    ranges write disjoint positions."""
+    ranges write disjoint positions. Raises ValueError where a label names no batch or a batch gets
+    more ratings than its positions (with as many labels as positions, then every batch is full)."""
     fill = starts[:-1].copy()
+    n_batches = starts.shape[0] - 1
     for k in range(users.shape[0]):
         b = np.int64(labels[k])
+        if b < 0 or b >= n_batches:
+            raise ValueError("a label names no batch")
         if first <= b < last:
             p = fill[b]
+            if p >= starts[b + 1]:
+                raise ValueError("a batch gets more ratings than its size")
             fill[b] += 1
             out_users[p] = users[k]
             out_items[p] = items[k]
