@@ -4,14 +4,14 @@ Why not torch ops: on the CPU the gather / product / row-sum / scatter chain of
 :class:`~recsys_flowadam.models.minibatch.MiniBatchPath` writes and reads (m, rank)
 intermediates several times and sorts the batch twice for its scatters; about 9 ms of a
 100k-rating step at rank 20 on one thread. The kernel (``models.fused_kernels.data_term``)
-walks the users in order (a counting sort, no comparison sort), touches each rating's rows once
-and adds into the gradients in place. Batches of ``PARALLEL_MIN_RATINGS`` or more are split in
-two halves of the users at their median user, computed at once on two threads (``kernel_pool.KERNEL_THREADS``;
-else one after the other, with the same numbers): each half writes only its own users' rows, and
-the second half's item gradients go to a zeroed buffer of their own, added after (no races).
-The users' L2 term rides along that walk; the items' comes from one pass over their parameters,
-which also initialises those gradient buffers (no separate zero fill but the second half's).
-Indices are checked inside the kernel.
+walks the users in order (a counting sort, no comparison sort, none at all for batches laid out
+user by user), touches each rating's rows once and writes every gradient whole. Batches of
+``PARALLEL_MIN_RATINGS`` or more are split in two halves of the users at their median user,
+computed at once on two threads (``kernel_pool.KERNEL_THREADS``; else one after the other, with
+the same numbers): each half writes only its own users' rows, and the second half's item
+gradients go to a buffer of their own, added after (no races). The users' L2 term rides along
+that walk; the items' is written where the first half builds its scratch item rows. Indices are
+checked inside the kernel.
 
 For biased MF and MF (no context mode), MSE or Huber, float32 or float64; the same sums as the
 other paths up to float rounding (tested against autograd to 1e-5). :func:`available` says
