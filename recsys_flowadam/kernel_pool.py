@@ -1,4 +1,5 @@
-"""The compiled kernels' two threads: how many (``KERNEL_THREADS``) and how work is split (``in_two``).
+"""The compiled kernels' two threads: how many (``KERNEL_THREADS``), how work is split (``in_two``),
+and work that fills the second core while the caller goes on (``in_background``).
 
 Why a module of its own: the models' gradient kernels (``models.fused_cpu``, ``models.row_sparse``)
 and the optimizers' compiled Adam pass (``optim.fused_adam``) share one worker thread and one

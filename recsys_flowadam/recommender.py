@@ -21,6 +21,7 @@ from recsys_flowadam.data.ratings import Ratings, RatingScale
 from recsys_flowadam.page_policy import small_pages
 
 _ID_COLUMNS = ("user", "item", "rating")
+_SMALL_PAGES_FROM = 100_000  # predict's pairs from which its gathered rows go on small pages (page_policy)
 
 
 class NotFittedError(RuntimeError):
@@ -143,6 +144,8 @@ class Recommender:
         u, i = self._ids["users"].positions(users, "users"), self._ids["items"].positions(items, "items")
         if len(u) != len(i):
             raise ValueError(f"predict: {len(u)} users but {len(i)} items; give one item per user")
+        if len(u) < _SMALL_PAGES_FROM:
+            return scorer.predict_indices(u, i, clip=clip).ratings
         with small_pages():  # (the gathered rows are fresh arrays as large as the request)
             return scorer.predict_indices(u, i, clip=clip).ratings
 
@@ -211,8 +214,9 @@ class _IDLookup:
 
         if isinstance(values, (str, bytes)) or not isinstance(values, Iterable):
             values = [values]
-        if isinstance(values, (pd.Series, pd.Index)):
-            values = values.to_numpy()
+        if isinstance(values, (pd.Series, pd.Index)):  # (nullable and other extension dtypes: as objects)
+            values = values.to_numpy(dtype=object if isinstance(values.dtype, pd.api.extensions.ExtensionDtype)
+                                     else None)
         arr = values if isinstance(values, np.ndarray) else np.fromiter(values, dtype=object)
         if arr.dtype == object:  # Python objects: by what they all are (pandas' inference, in C)
             arr = _typed_ids(arr, what)
@@ -224,8 +228,12 @@ class _IDLookup:
             arr = arr.astype(np.int64) if (np.abs(arr) < 2.0**62).all() else np.asarray(_id_strings(arr, what), object)
         if arr.dtype.kind in "iu" and self._int_ids:
             if self._by_int is None:
-                self._by_int = pd.Index(np.asarray(self._ids, dtype=object).astype(np.int64))
-            return self._by_int.get_indexer(arr).astype(np.int64, copy=False)
+                try:
+                    self._by_int = pd.Index(np.asarray(self._ids, dtype=object).astype(np.int64))
+                except OverflowError:  # IDs past int64 (uint64): matched as strings instead
+                    self._int_ids = False
+            if self._by_int is not None:
+                return self._by_int.get_indexer(arr).astype(np.int64, copy=False)
         if arr.dtype.kind in "iuU":
             keys = arr.astype(str).astype(object)
         elif arr.dtype.kind == "O":  # strings (from _typed_ids)
@@ -246,10 +254,11 @@ def _typed_ids(arr: np.ndarray, what: str) -> np.ndarray:
     try:
         if kind == "integer":
             return arr.astype(np.int64)
-        if kind in ("floating", "mixed-integer-float"):
+        if kind == "floating":
             return arr.astype(np.float64)
     except OverflowError:  # integers past int64: as strings
         pass
+    # (ints mixed with floats too: an int past 2^53 would not survive a float64 array)
     return arr if kind == "string" else np.asarray(_id_strings(arr, what), dtype=object)
 
 

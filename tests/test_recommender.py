@@ -105,6 +105,22 @@ def test_every_form_of_ids_is_matched_as_one_by_one(fitted, data):
         fitted.predict(users[:2], items[:1])
 
 
+@pytest.mark.parametrize("int_ids", [True, False])
+def test_id_lookup_matches_the_one_by_one_rule_at_the_edges(int_ids):
+    from recsys_flowadam.recommender import _IDLookup, _id_strings
+
+    listed = ["3", "7", "9007199254740993", "18446744073709551615"] + ([] if int_ids else ["a7", "<NA>"])
+    big = 9007199254740993  # past 2^53: a float64 would make it ...992
+    inputs = [[big, 2.0, 7.0], np.array([18446744073709551615, 3], dtype=np.uint64), [2**70, 3],
+              pd.Series([3, None, 7], dtype="Int64"), pd.Series(["a7", None, "3"], dtype="string"),
+              np.array([3.0, 7.0]), ["7", 3, "a7"], np.array([True, False])]
+    for values in inputs:
+        lookup = _IDLookup(listed, int_ids)
+        raw = values.astype(object) if isinstance(values, pd.Series) else values
+        want = [listed.index(x) if x in listed else -1 for x in _id_strings(raw, "users")]
+        assert lookup.positions(values, "users").tolist() == want, values
+
+
 def test_unknown_ids_get_the_cold_start_rule(fitted, data):
     train, _ = data
     meta = fitted.artifact_.meta

@@ -129,7 +129,7 @@ def run_fold(ratings: Ratings, fold: str, data: DataConfig, config: TrainConfig,
     fold's artifact to ``save_to`` (as ``train --out`` would). Returns the fold's row."""
     t0 = time.perf_counter()
     split = split_fold(ratings, fold, config.seed, edges)
-    fit = fit_and_score(split.train, split.val, config, progress=progress)
+    fit = fit_and_score(split.train, split.val, config, progress=progress, artifact=save_to is not None)
     test = evaluate_ratings(fit.result.predictor, split.test, torch.device(fit.result.device),
                             clip=config.clip_predictions, use_contexts=config.model == "cp")
     row = _fold_row(fold, split, fit, test, time.perf_counter() - t0)

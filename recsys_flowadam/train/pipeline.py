@@ -188,29 +188,32 @@ def fold_validation(train: Ratings, val: Ratings | None, config: TrainConfig, *,
 
 def fit_and_score(train: Ratings, val: Ratings | None, config: TrainConfig, *,
                   checkpoint_path: Path | None = None, resume: bool = False, progress: bool = False,
-                  on_step: Callable[[int], None] | None = None, data_identity: dict[str, Any] | None = None) -> Fit:
+                  on_step: Callable[[int], None] | None = None, data_identity: dict[str, Any] | None = None,
+                  artifact: bool = True) -> Fit:
     """Choose an unset ``reg`` on ``val`` (``reg_search``), train (early-stopping on ``val``), score
     the validation part, refit when asked: the part of the ``train`` command after the data is
     loaded, shared with ``cv`` and the Python API. The search's best run is the first run, unless
     checkpoints or ``on_step`` are asked for: then the chosen value is trained again with them.
-    Fresh arrays go on small pages where huge pages stall (``page_policy``)."""
+    Fresh arrays go on small pages where huge pages stall (``page_policy``). ``artifact``: an
+    artifact will be built from the fit (its CSR of training pairs may then start during training)."""
     with small_pages():
         return _fit_and_score(train, val, config, checkpoint_path=checkpoint_path, resume=resume, progress=progress,
-                              on_step=on_step, data_identity=data_identity)
+                              on_step=on_step, data_identity=data_identity, artifact=artifact)
 
 
 def _fit_and_score(train: Ratings, val: Ratings | None, config: TrainConfig, *, checkpoint_path: Path | None,
                    resume: bool, progress: bool, on_step: Callable[[int], None] | None,
-                   data_identity: dict[str, Any] | None) -> Fit:
+                   data_identity: dict[str, Any] | None, artifact: bool) -> Fit:
     from recsys_flowadam.train.distributed import current as current_distributed
     from recsys_flowadam.train.reg_search import choose_reg
 
     dctx = current_distributed()
     train, val, folded = fold_validation(train, val, config, distributed=dctx is not None)
     # The training ratings are final here on the folded path (3M ratings and more): their CSR, which
-    # only the artifact needs, is built on the kernels' second thread while this one prepares the
-    # run's batches (single-threaded work), instead of after training (0.1-0.3 s at 10M).
-    pending_csr = in_background(lambda: train_csr(train)) if folded is not None else None
+    # only the artifact needs, is built on the kernels' worker thread while this one builds the
+    # problem and starts the batches' layout (whose own second halves wait for it), instead of
+    # after training (0.1-0.3 s at 10M; it holds its 80 MB during training).
+    pending_csr = in_background(lambda: train_csr(train)) if folded is not None and artifact else None
     config, search, chosen = choose_reg(train, val, config, distributed=dctx is not None,
                                         run=lambda c: train_model(train, val, c, progress=progress))
     checkpointing = checkpoint_path is not None and (config.checkpoint_every > 0 or resume)

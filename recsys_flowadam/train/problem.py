@@ -171,7 +171,7 @@ def _time_axis(spec: ModelSpec, train: Ratings, device: torch.device):
 def _row_weights(config: TrainConfig, spec: ModelSpec, coords: Coords, dtype: torch.dtype,
                  implicit: ImplicitFeedback | None, counts: dict[str, torch.Tensor]) -> dict[str, torch.Tensor] | None:
     """Per-row penalty weights n_row / n for ``reg_weighting="frequency"``; None for uniform.
-    ``counts``: the users' and items' rating counts (``_rating_counts``)."""
+    ``counts``: the users' and items' rating counts (``build_problem`` counts them once)."""
     if config.reg_weighting != "frequency":
         return time_penalty_weights(spec, None, coords.users.device, dtype)  # None unless a time model
     counts = dict(counts)
