@@ -117,7 +117,14 @@ def data_term(users, items, values, U, V, bu, bi, offset, huber, delta, scale, d
     penalty = 0.0
     zero = U.dtype.type(0.0)
     for i in range(n_items):  # (the items' L2 gradient computed in float64, then rounded)
-        c = lam * (w_item[i] if w_item.shape[0] > 0 else 1.0) if item_l2 else 0.0
+        items_rows[i, rank] = bi[i] if has_bias else zero
+        items_rows[i, width - 1] = zero
+        if not item_l2:  # a second range of users: its item gradients start at zero
+            for f in range(rank):
+                items_rows[i, f] = V[i, f]
+                items_rows[i, rank + 1 + f] = zero
+            continue
+        c = lam * (w_item[i] if w_item.shape[0] > 0 else 1.0)
         sq = 0.0
         for f in range(rank):
             p = V[i, f]
@@ -125,9 +132,7 @@ def data_term(users, items, values, U, V, bu, bi, offset, huber, delta, scale, d
             sq += p * p
             items_rows[i, rank + 1 + f] = 2.0 * c * p
         penalty += c * sq
-        items_rows[i, rank] = bi[i] if has_bias else zero
-        items_rows[i, width - 1] = zero
-        if has_bias and item_l2:
+        if has_bias:
             c_b = lam_bias * (w_item_bias[i] if w_item_bias.shape[0] > 0 else 1.0)
             items_rows[i, width - 1] = 2.0 * c_b * bi[i]
             penalty += c_b * (bi[i] * bi[i])
