@@ -431,3 +431,28 @@ def test_fused_kernel_on_ratings_grouped_by_user_matches_autograd(monkeypatch, h
     for name in params:
         assert _rel(grads[name], ref_grads[name]) <= 1e-10, name
         assert _rel(grads[name], shuffled_grads[name]) <= 1e-12, name
+
+
+def test_prefetch_hints_compile_here_and_the_fallback_runs_without_them():
+    pytest.importorskip("numba")
+    import numba
+
+    from recsys_flowadam.models import cpu_prefetch
+
+    # with the numba this project is tested on, the hints are LLVM prefetches (not the silent fallback)
+    assert cpu_prefetch.ACTIVE and cpu_prefetch.prefetch is not cpu_prefetch._no_hint
+
+    def hinted_sum(hint):
+        @numba.njit
+        def run(a):
+            total = 0.0
+            for i in range(a.shape[0]):
+                hint(a, min(i + 1, a.shape[0] - 1), 0)
+                total += a[i].sum()
+            return total
+
+        return run
+
+    a = np.arange(12.0).reshape(4, 3)
+    for hint in (cpu_prefetch.prefetch, cpu_prefetch.prefetch_read, cpu_prefetch._no_hint):
+        assert hinted_sum(hint)(a) == a.sum()  # a hint changes no number
