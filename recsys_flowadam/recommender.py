@@ -218,6 +218,8 @@ class _IDLookup:
             values = values.to_numpy(dtype=object if isinstance(values.dtype, pd.api.extensions.ExtensionDtype)
                                      else None)
         arr = values if isinstance(values, np.ndarray) else np.fromiter(values, dtype=object)
+        if arr.ndim != 1:
+            raise ValueError(f"{what}: give a sequence of IDs (one dimension), not an array of shape {arr.shape}")
         if arr.dtype == object:  # Python objects: by what they all are (pandas' inference, in C)
             arr = _typed_ids(arr, what)
         if arr.dtype.kind == "f":

@@ -103,6 +103,8 @@ def test_every_form_of_ids_is_matched_as_one_by_one(fitted, data):
         fitted.predict([users[0]], [float("nan")])
     with pytest.raises(ValueError, match="predict: 2 users but 1 items"):
         fitted.predict(users[:2], items[:1])
+    with pytest.raises(ValueError, match=r"users: give a sequence of IDs \(one dimension\), not an array of shape"):
+        fitted.predict(users[:2].reshape(2, 1), items[:2])
 
 
 @pytest.mark.parametrize("int_ids", [True, False])
