@@ -456,3 +456,13 @@ def test_prefetch_hints_compile_here_and_the_fallback_runs_without_them():
     a = np.arange(12.0).reshape(4, 3)
     for hint in (cpu_prefetch.prefetch, cpu_prefetch.prefetch_read, cpu_prefetch._no_hint):
         assert hinted_sum(hint)(a) == a.sum()  # a hint changes no number
+    def whole_rows(row_hint):
+        @numba.njit
+        def hint(arr, row, col):
+            row_hint(arr, row)
+            row_hint(arr[:, :0], row)  # a row of no elements: nothing to ask for
+
+        return hint
+
+    for row_hint in (cpu_prefetch.prefetch_row, cpu_prefetch.prefetch_row_read):  # every line of a row
+        assert hinted_sum(whole_rows(row_hint))(a) == a.sum()

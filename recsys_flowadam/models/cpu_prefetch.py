@@ -1,5 +1,6 @@
 """``prefetch(a, i, j)``: a hint to the CPU to bring the cache line of ``a[i, j]`` in ahead of use,
-for the compiled kernels (imported only where numba is).
+for the compiled kernels (imported only where numba is); ``prefetch_row``/``prefetch_row_read``:
+every line of row ``i``.
 
 Why: numba has no prefetch call, and the gradient kernel waits on random reads of item rows it
 could name several ratings ahead. LLVM's ``llvm.prefetch`` is a hint, never a load: it cannot fault
@@ -82,3 +83,24 @@ except Exception as error:  # numba's internals moved: the kernels run without t
                   RuntimeWarning, stacklevel=2)
     prefetch = prefetch_read = _no_hint
     ACTIVE = False
+
+
+@numba.njit(inline="always")
+def prefetch_row(arr, row):
+    """:func:`prefetch` every cache line of ``arr[row]`` (a row need not start on a line, hence its
+    last element too); nothing for a row of no elements."""
+    width = arr.shape[1]
+    if width > 0:
+        for col in range(0, width, max(1, 64 // arr.itemsize)):
+            prefetch(arr, row, col)
+        prefetch(arr, row, width - 1)
+
+
+@numba.njit(inline="always")
+def prefetch_row_read(arr, row):
+    """:func:`prefetch_row` for a row that is only read."""
+    width = arr.shape[1]
+    if width > 0:
+        for col in range(0, width, max(1, 64 // arr.itemsize)):
+            prefetch_read(arr, row, col)
+        prefetch_read(arr, row, width - 1)

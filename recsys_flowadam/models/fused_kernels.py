@@ -6,7 +6,7 @@ Top-level functions so that numba's on-disk cache finds them again in a new proc
 import numba
 import numpy as np
 
-from recsys_flowadam.models.cpu_prefetch import prefetch, prefetch_read
+from recsys_flowadam.models.cpu_prefetch import prefetch_row, prefetch_row_read
 
 # the gradient kernel asks for the item row of the rating this many places ahead (4-8 measured alike)
 PREFETCH_AHEAD = 6
@@ -144,7 +144,6 @@ def data_term(users, items, values, U, V, bu, bi, offset, huber, delta, scale, d
     g_row = np.empty(rank, dtype=U.dtype)
     total = 0.0
     n_in = start[n_users]  # the ratings of this range of users, in visiting order
-    line = max(1, 64 // items_rows.itemsize)  # elements a cache line
     for u in range(u_lo, u_hi):
         w = w_user[u] if weighted else 1.0
         c = U.dtype.type(lam * w)
@@ -165,10 +164,7 @@ def data_term(users, items, values, U, V, bu, bi, offset, huber, delta, scale, d
         for j in range(start[u], start[u + 1]):
             ahead = j + PREFETCH_AHEAD
             if ahead < n_in:  # the item row a few ratings on, so that it is in cache when its turn comes
-                i_ahead = items[at + ahead if at >= 0 else order[ahead]]
-                for f in range(0, width, line):
-                    prefetch(items_rows, i_ahead, f)
-                prefetch(items_rows, i_ahead, width - 1)
+                prefetch_row(items_rows, items[at + ahead if at >= 0 else order[ahead]])
             k = at + j if at >= 0 else order[j]
             i = items[k]
             pred = offset + b + items_rows[i, rank]
@@ -225,17 +221,12 @@ def row_dots(P, Q, rows_p, rows_q, out):
     """``out[k] = P[rows_p[k]] . Q[rows_q[k]]`` (every row index checked), summed in P's dtype."""
     n_p, n_q = P.shape[0], Q.shape[0]
     n = out.shape[0]
-    width = P.shape[1]
-    line = max(1, 64 // P.itemsize)
     for k in range(n):
         if k + PREFETCH_AHEAD < n:  # both rows of the pair a few places on (random reads, as in data_term)
             a, b = rows_p[k + PREFETCH_AHEAD], rows_q[k + PREFETCH_AHEAD]
-            if 0 <= a < n_p and 0 <= b < n_q and width > 0:
-                for f in range(0, width, line):
-                    prefetch_read(P, a, f)
-                    prefetch_read(Q, b, f)
-                prefetch_read(P, a, width - 1)
-                prefetch_read(Q, b, width - 1)
+            if 0 <= a < n_p and 0 <= b < n_q:
+                prefetch_row_read(P, a)
+                prefetch_row_read(Q, b)
         a, b = rows_p[k], rows_q[k]
         if a < 0 or a >= n_p or b < 0 or b >= n_q:
             raise IndexError("a row index lies outside the factor tables")
