@@ -359,6 +359,7 @@ def test_median_user_halves_the_ratings_in_any_order():
     users = np.array([5, 0, 5, 2, 5, 2, 7, 0, 5, 1])  # sorted: 0 0 1 2 2 | 5 5 5 5 7
     assert fused_cpu.median_user(users, 9) == 5 == int(np.sort(users)[len(users) // 2])
     assert fused_cpu.median_user(np.sort(users), 9) == 5
+    assert fused_cpu.median_user(np.array([], dtype=np.int64), 9) == 9  # no ratings: all users in the first half
     rng = np.random.default_rng(3)  # grouped (read at the middle) or not (counted): the same user
     for n in (1, 2, 3, 8, 101):
         for _ in range(50):

@@ -649,10 +649,12 @@ def test_lowest_objective_refuses_checkpoints(data, tmp_path):
         train_model(train, None, cfg, checkpoint_path=tmp_path / "ck.safetensors", keep_lowest_objective=True)
 
 
+@pytest.mark.parametrize("halves", [False, True])
 @pytest.mark.parametrize("optimizer", ["adam", "flowadam"])
-def test_laid_out_runs_let_the_kernel_take_the_user_rows_step_with_the_same_result(data, monkeypatch, optimizer):
+def test_laid_out_runs_let_the_kernel_take_the_rows_step_with_the_same_result(data, monkeypatch, optimizer, halves):
     """On laid-out CPU batches the trainer allows the gradient kernel to take Adam's step on the
-    user rows (row_step); the run is the one without it, to float rounding."""
+    user rows (row_step), and on the item rows where it splits the batch in halves; the run is the
+    one without it, to float rounding."""
     from recsys_flowadam.models import fused_cpu, path_choice
     from recsys_flowadam.optim import fused_adam
 
@@ -662,24 +664,29 @@ def test_laid_out_runs_let_the_kernel_take_the_user_rows_step_with_the_same_resu
     monkeypatch.setattr(path_choice, "MINIBATCH_MIN_RATINGS", len(train))
     monkeypatch.setattr(path_choice, "MIN_AUTO_BATCH", 10)
     monkeypatch.setattr(fused_adam, "MIN_ELEMENTS", 1)
+    monkeypatch.setattr(fused_cpu, "PARALLEL_MIN_RATINGS", 0 if halves else 10**9)
+    # float64: the two runs' sums differ in their rounding only (the kernel and the optimizer's
+    # pass contract different products), which a float32 run carries into the fourth digit by its end
     cfg = TrainConfig(model="biased-mf", rank=3, optimizer=optimizer, reg=0.01, seed=3, patience=0,
-                      optimizer_kwargs={"eps": 1e-8})
-    taken = []
+                      optimizer_kwargs={"eps": 1e-8}, dtype="float64")
+    taken, items_taken = [], []
     real = fused_cpu._row_steps
 
-    def spy(*a, **k):
-        out = real(*a, **k)
-        taken.append(out is not None)
+    def spy(params, allowed, rows):
+        out = real(params, allowed, rows)
+        (taken if rows == fused_cpu.USER_ROWS else items_taken).append(out is not None)
         return out
 
     monkeypatch.setattr(fused_cpu, "_row_steps", spy)
     fused = train_model(train, val, cfg)
     assert fused.representation == "minibatch" and taken and all(taken)
+    assert items_taken == [halves] * len(taken)
     taken.clear()
     monkeypatch.setattr(fused_adam, "offerable", lambda params: False)
     plain = train_model(train, val, cfg)
     assert taken and not any(taken)
     assert fused.steps == plain.steps and fused.best_step == plain.best_step
-    assert fused.best_val_rmse == pytest.approx(plain.best_val_rmse, rel=1e-5)
+    assert fused.best_val_rmse == pytest.approx(plain.best_val_rmse, rel=1e-10)
     for k in plain.params:
-        torch.testing.assert_close(fused.params[k], plain.params[k], rtol=1e-4, atol=1e-5)
+        assert fused.params[k].dtype == torch.float64
+        torch.testing.assert_close(fused.params[k], plain.params[k], rtol=1e-9, atol=1e-12)

@@ -17,6 +17,15 @@ jit = numba.njit(cache=True, nogil=True, fastmath={"reassoc", "contract", "nsz",
                  error_model="numpy")
 
 
+@numba.njit(inline="always")
+def adam_element(p, g, m, v, beta1, beta2, c1, c2, step_size, bc2_sqrt, eps, decay):
+    """One element's Adam step, ``(p, m, v)`` after it: ``optim.adam_kernels``' formula (inlined
+    where it is used, so that the loops around it still vectorise)."""
+    m = beta1 * m + c1 * g
+    v = beta2 * v + c2 * (g * g)
+    return p * decay - step_size * m / (np.sqrt(v) / bc2_sqrt + eps), m, v
+
+
 @jit
 def user_segments(users, n_users, u_lo=0, u_hi=-1):
     """``(start, order, offset)``: the positions of the ratings of users ``u_lo <= u < u_hi`` (``u_hi``
@@ -50,6 +59,33 @@ def user_segments(users, n_users, u_lo=0, u_hi=-1):
             order[fill[u]] = k
             fill[u] += 1
     return start, order, -1
+
+
+@jit
+def median_user(users, n_users):
+    """The first user at or past whom half of the ratings lie (``fused_cpu.median_user``): on
+    ratings grouped by user, the middle rating's, after one pass that checks the order; else
+    counted (indices outside ``0..n_users-1`` are not counted: the gradient kernel refuses them)."""
+    m = users.shape[0]
+    middle = m // 2
+    grouped = m > 0
+    for k in range(m):
+        u = users[k]
+        if u < 0 or u >= n_users or (k > 0 and u < users[k - 1]):
+            grouped = False
+            break
+    if grouped:
+        return users[middle]
+    count = np.zeros(n_users, dtype=np.int64)
+    for k in range(m):
+        if 0 <= users[k] < n_users:
+            count[users[k]] += 1
+    seen = 0
+    for u in range(n_users):
+        seen += count[u]
+        if seen > middle:
+            return u
+    return n_users
 
 
 @jit
@@ -188,21 +224,15 @@ def data_term(users, items, values, U, V, bu, bi, offset, huber, delta, scale, d
                 gg += float(gk) * float(gk)
                 mm += float(mk) * float(mk)
                 gm += float(gk) * float(mk)
-                mk = beta1 * mk + c1 * gk
-                vk = beta2 * vU[u, f] + c2 * (gk * gk)
-                mU[u, f] = mk
-                vU[u, f] = vk
-                U[u, f] = u_row[f] * decay - step_size * mk / (np.sqrt(vk) / bc2_sqrt + eps)
+                U[u, f], mU[u, f], vU[u, f] = adam_element(u_row[f], gk, mk, vU[u, f], beta1, beta2, c1, c2,
+                                                           step_size, bc2_sqrt, eps, decay)
             if has_bias:
                 mk = mbu[u]
                 gg += float(g_b) * float(g_b)
                 mm += float(mk) * float(mk)
                 gm += float(g_b) * float(mk)
-                mk = beta1 * mk + c1 * g_b
-                vk = beta2 * vbu[u] + c2 * (g_b * g_b)
-                mbu[u] = mk
-                vbu[u] = vk
-                bu[u] = b * decay - step_size * mk / (np.sqrt(vk) / bc2_sqrt + eps)
+                bu[u], mbu[u], vbu[u] = adam_element(b, g_b, mk, vbu[u], beta1, beta2, c1, c2, step_size,
+                                                     bc2_sqrt, eps, decay)
         else:
             for f in range(rank):
                 dU[u, f] = g_row[f]
@@ -214,6 +244,34 @@ def data_term(users, items, values, U, V, bu, bi, offset, huber, delta, scale, d
         if has_bias:
             dbi[i] = items_rows[i, width - 1]
     return total / max(m, 1), penalty, gg, mm, gm
+
+
+@jit
+def summed_adam_range(p, g, g2, m, v, lo, hi, adam):
+    """Adam's offered step (``row_step``: ``adam`` as ``data_term`` takes it) on elements ``lo <= k <
+    hi`` of the flat arrays ``p``, ``m``, ``v``, in place, with the gradient ``g + g2``: the item
+    gradients of ``data_term``'s two ranges of users, summed here instead of in a pass of their own.
+    Returns ``(g.g, m.m, g.m)`` over the range in float64, ``m`` before the step (FlowAdam's trigger
+    statistics); the same formula as ``optim.adam_kernels.adam_range``. Over slices, not the range,
+    so that LLVM vectorises the loop (as there)."""
+    P, G, G2, M, V = p[lo:hi], g[lo:hi], g2[lo:hi], m[lo:hi], v[lo:hi]
+    one = p.dtype.type(1.0)
+    beta1, beta2 = p.dtype.type(adam[0]), p.dtype.type(adam[1])
+    step_size, bc2_sqrt = p.dtype.type(adam[2]), p.dtype.type(adam[3])
+    eps, decay = p.dtype.type(adam[4]), p.dtype.type(adam[5])
+    c1 = one - beta1
+    c2 = one - beta2
+    gg = 0.0
+    mm = 0.0
+    gm = 0.0
+    for k in range(P.shape[0]):
+        gk = G[k] + G2[k]
+        mk = M[k]
+        gg += float(gk) * float(gk)
+        mm += float(mk) * float(mk)
+        gm += float(gk) * float(mk)
+        P[k], M[k], V[k] = adam_element(P[k], gk, mk, V[k], beta1, beta2, c1, c2, step_size, bc2_sqrt, eps, decay)
+    return gg, mm, gm
 
 
 @jit
