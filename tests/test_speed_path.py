@@ -38,15 +38,15 @@ def test_auto_minibatch_schedule_is_in_passes_over_the_data(n):
 
 def test_auto_minibatch_starts_small_with_eps_in_units_of_a_rating_gradient():
     choice = path_choice.auto_minibatch(10_000_000, CPU, "why", rating_std=1.0)
-    assert choice.init_std == path_choice.AUTO_INIT_STD == 0.01
-    unit = 2.0 * 1.0 * path_choice.AUTO_INIT_STD / choice.batch_size  # one rating's gradient at the start
+    assert choice.init_std == path_choice.AUTO_INIT_STD == 0.0025
+    unit = 2.0 * 1.0 * path_choice.EPS_FACTOR / choice.batch_size  # one rating's gradient on a factor of 0.01
     assert choice.eps == pytest.approx(path_choice.AUTO_EPS_UNITS * unit, rel=1e-3)
     # ratings twice as spread: eps twice as large; batches twice as large: half
     assert path_choice.auto_minibatch(10_000_000, CPU, "why", rating_std=2.0).eps == pytest.approx(2 * choice.eps,
                                                                                                    rel=1e-3)
     assert path_choice.auto_eps(2 * choice.batch_size, 1.0) == pytest.approx(path_choice.auto_eps(
         choice.batch_size, 1.0) / 2)
-    assert f"eps is {choice.eps:.3g}" in choice.reason and "start at std 0.01" in choice.reason
+    assert f"eps is {choice.eps:.3g}" in choice.reason and "start at std 0.0025" in choice.reason
     spec = ModelSpec("biased-mf", 943, 1682, 20)
     small = path_choice.choose_path(spec, 80_000, CPU)  # full batch: the paper's start, the optimizer's eps
     assert (small.init_std, small.eps) == (path_choice.DEFAULT_INIT_STD, None)
@@ -58,6 +58,11 @@ def test_the_paths_eps_reaches_the_adam_family_unless_given(optimizer):
     assert optimizer_kwargs(TrainConfig(optimizer=optimizer), choice, CPU)["eps"] == 2.5e-6
     given = TrainConfig(optimizer=optimizer, optimizer_kwargs={"eps": 1e-8})
     assert optimizer_kwargs(given, choice, CPU)["eps"] == 1e-8
+    # a given start above EPS_FACTOR scales it (eps in rating gradients on such factors); smaller ones keep it
+    assert path_choice.EPS_FACTOR == 0.01
+    assert optimizer_kwargs(TrainConfig(optimizer=optimizer, init_std=0.1), choice, CPU)["eps"] == pytest.approx(2.5e-5)
+    for small in (0.01, 0.0025, 0.001):
+        assert optimizer_kwargs(TrainConfig(optimizer=optimizer, init_std=small), choice, CPU)["eps"] == 2.5e-6
     assert "eps" not in optimizer_kwargs(TrainConfig(optimizer=optimizer), PathChoice("dense", None, "why"), CPU)
     assert "eps" not in optimizer_kwargs(TrainConfig(optimizer="sgd"), choice, CPU)  # SGD has no eps
 

@@ -54,6 +54,7 @@ import torch
 from recsys_flowadam.data.ratings import Ratings
 from recsys_flowadam import kernel_pool
 from recsys_flowadam.models import Coords, ModelSpec, Objective, PathChoice, fused_cpu, init_params, make_path
+from recsys_flowadam.models.path_choice import EPS_FACTOR
 from recsys_flowadam.models.minibatch import retained_heap
 from recsys_flowadam.train.checkpoint import CheckpointError
 from recsys_flowadam.models.row_sparse import LazyAdamStep
@@ -339,11 +340,12 @@ def optimizer_kwargs(config: TrainConfig, choice: PathChoice, device: torch.devi
     and the fused kernel computes the same update to float rounding. Full-batch runs keep torch's
     default, so their numbers stay exactly as they were (FlowAdam picks its fused kernel itself).
     The path's ``eps`` (the automatic mini-batch path's, ``models.path_choice.auto_eps``, in units
-    of a rating's gradient at the start) goes to the Adam family unless the options give one,
-    scaled to a given ``init_std``."""
+    of a rating's gradient on a factor of ``path_choice.EPS_FACTOR``) goes to the Adam family unless
+    the options give one, scaled to a given ``init_std`` larger than that factor (from smaller
+    starts the same eps measured best: ``models.path_choice``'s docstring)."""
     kwargs = dict(config.optimizer_kwargs)
     if choice.eps is not None and config.optimizer.lower() in EPS_OPTIMIZERS and "eps" not in kwargs:
-        scale = config.init_std / choice.init_std if config.init_std and choice.init_std else 1.0
+        scale = max(config.init_std / EPS_FACTOR, 1.0) if config.init_std else 1.0
         kwargs["eps"] = choice.eps * scale
     if (choice.representation == "minibatch" and config.optimizer.lower() in FUSED_BY_DEFAULT
             and not {"fused", "foreach"} & kwargs.keys()):
