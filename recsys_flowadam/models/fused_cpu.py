@@ -95,7 +95,7 @@ def loss_and_grad(params: dict[str, torch.Tensor], batch: Coords, objective: Obj
     bu = _np(params["user_bias"]) if has_bias else empty
     bi = _np(params["item_bias"]) if has_bias else empty
     dbu = _np(grads["user_bias"]) if has_bias and steps is None else empty
-    dbi = (np.empty(len(bi), dtype=bi.dtype) if "item_bias" in taken else _np(grads["item_bias"])) if has_bias else empty
+    dbi = empty if not has_bias else np.empty_like(bi) if "item_bias" in taken else _np(grads["item_bias"])
     items = _np(batch.items)
     values = _np(batch.values.to(params["user_factors"].dtype))
     like = U.dtype.type  # the per-rating arithmetic stays in the parameters' dtype
