@@ -107,7 +107,9 @@ def data_term(users, items, values, U, V, bu, bi, offset, huber, delta, scale, d
     ``adam`` (empty: none): Adam's step on those users' rows taken here, as each row's gradient is
     done (``row_step``): (beta1, beta2, lr / bias_correction1, sqrt(bias_correction2), eps, decay)
     with moments ``mU``/``vU`` (and ``mbu``/``vbu`` for ``b_u``); ``dU``/``dbu`` are then not
-    written, and ``gg, mm, gm`` are the rows' g.g, m.m and g.m (m before the step) in float64.
+    written, and ``gg, mm, gm`` are the rows' g.g, m.m and g.m (m before the step): each row's sum
+    in the parameters' dtype, the rows' in float64 (float64 products per element cost about 1 ms of a
+    10M-rating step on two threads, 7-9%; a row's sum of ``rank`` float32 terms is good to about 1e-6).
 
     Writes those users' rows of ``dU`` (and ``dbu``): the L2 gradient ``2 lam w_u U_u`` (``w_user`` empty:
     uniform 1; ``lam_bias`` for ``b_u``) plus the data gradient. Writes all of ``dV`` (and ``dbi``):
@@ -218,14 +220,20 @@ def data_term(users, items, values, U, V, bu, bi, offset, huber, delta, scale, d
                 g_row[f] += g * items_rows[i, f]
                 items_rows[i, rank + 1 + f] += g * u_row[f]
         if fuse:  # Adam's step on the row while it is in cache (the same formula as optim.adam_kernels)
+            rg = zero
+            rm = zero
+            rgm = zero
             for f in range(rank):
                 gk = g_row[f]
                 mk = mU[u, f]
-                gg += float(gk) * float(gk)
-                mm += float(mk) * float(mk)
-                gm += float(gk) * float(mk)
+                rg += gk * gk
+                rm += mk * mk
+                rgm += gk * mk
                 U[u, f], mU[u, f], vU[u, f] = adam_element(u_row[f], gk, mk, vU[u, f], beta1, beta2, c1, c2,
                                                            step_size, bc2_sqrt, eps, decay)
+            gg += float(rg)
+            mm += float(rm)
+            gm += float(rgm)
             if has_bias:
                 mk = mbu[u]
                 gg += float(g_b) * float(g_b)
