@@ -4,7 +4,9 @@ Why: on the CPU mini-batch path the optimizer's pass reads every parameter, grad
 once more after the gradient kernel wrote them. The kernel walks the users one by one and holds
 each user's row and gradient in cache when it is done with them: updating the row there saves
 writing the gradient, reading it back and reading the row again (the user factors are 86% of
-the 10M problem's parameters; 21 -> 16 ms a step on one thread at batches of 178k).
+the 10M problem's parameters; 21 -> 16 ms a step on one thread at batches of 178k). Where it
+splits a batch in two halves, it also takes the item rows' step as it sums the halves' item
+gradients, instead of writing the sum for the optimizer's pass.
 
 The optimizer offers (``offering``) the step it is about to take, per parameter: its moments and
 the step's scalars. A kernel that can take it for a parameter does so, records the step's

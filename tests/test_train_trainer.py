@@ -649,9 +649,11 @@ def test_lowest_objective_refuses_checkpoints(data, tmp_path):
         train_model(train, None, cfg, checkpoint_path=tmp_path / "ck.safetensors", keep_lowest_objective=True)
 
 
+@pytest.mark.parametrize("dtype", ["float64", "float32"])
 @pytest.mark.parametrize("halves", [False, True])
 @pytest.mark.parametrize("optimizer", ["adam", "flowadam"])
-def test_laid_out_runs_let_the_kernel_take_the_rows_step_with_the_same_result(data, monkeypatch, optimizer, halves):
+def test_laid_out_runs_let_the_kernel_take_the_rows_step_with_the_same_result(data, monkeypatch, optimizer, halves,
+                                                                               dtype):
     """On laid-out CPU batches the trainer allows the gradient kernel to take Adam's step on the
     user rows (row_step), and on the item rows where it splits the batch in halves; the run is the
     one without it, to float rounding."""
@@ -665,10 +667,11 @@ def test_laid_out_runs_let_the_kernel_take_the_rows_step_with_the_same_result(da
     monkeypatch.setattr(path_choice, "MIN_AUTO_BATCH", 10)
     monkeypatch.setattr(fused_adam, "MIN_ELEMENTS", 1)
     monkeypatch.setattr(fused_cpu, "PARALLEL_MIN_RATINGS", 0 if halves else 10**9)
-    # float64: the two runs' sums differ in their rounding only (the kernel and the optimizer's
-    # pass contract different products), which a float32 run carries into the fourth digit by its end
+    # the two runs' sums differ in their rounding only (the kernel and the optimizer's pass contract
+    # different products): float64 checks the same numbers; float32 carries the rounding into the
+    # fourth digit by the run's end
     cfg = TrainConfig(model="biased-mf", rank=3, optimizer=optimizer, reg=0.01, seed=3, patience=0,
-                      optimizer_kwargs={"eps": 1e-8}, dtype="float64")
+                      optimizer_kwargs={"eps": 1e-8}, dtype=dtype)
     taken, items_taken = [], []
     real = fused_cpu._row_steps
 
@@ -686,7 +689,8 @@ def test_laid_out_runs_let_the_kernel_take_the_rows_step_with_the_same_result(da
     plain = train_model(train, val, cfg)
     assert taken and not any(taken)
     assert fused.steps == plain.steps and fused.best_step == plain.best_step
-    assert fused.best_val_rmse == pytest.approx(plain.best_val_rmse, rel=1e-10)
+    tol = {"float64": 1e-9, "float32": 2e-3}[dtype]
+    assert fused.best_val_rmse == pytest.approx(plain.best_val_rmse, rel=tol / 10)
     for k in plain.params:
-        assert fused.params[k].dtype == torch.float64
-        torch.testing.assert_close(fused.params[k], plain.params[k], rtol=1e-9, atol=1e-12)
+        assert fused.params[k].dtype == getattr(torch, dtype)
+        torch.testing.assert_close(fused.params[k], plain.params[k], rtol=tol, atol=tol / 100)

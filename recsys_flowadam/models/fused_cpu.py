@@ -35,6 +35,8 @@ from recsys_flowadam.row_step import current as current_offer
 
 _KERNELS: dict[str, Any] | None = None
 PARALLEL_MIN_RATINGS = 20_000  # smaller batches stay whole: the hand-off would cost what a half saves
+USER_ROWS = ("user_factors", "user_bias")  # the two sides' rows whose offered step the kernels may take
+ITEM_ROWS = ("item_factors", "item_bias")
 
 
 def available() -> bool:
@@ -83,29 +85,32 @@ def loss_and_grad(params: dict[str, torch.Tensor], batch: Coords, objective: Obj
     assert k is not None
     users = _np(batch.users)
     split_in_two = len(users) >= PARALLEL_MIN_RATINGS
-    steps = _row_steps(params, extra is None and not with_g, USER_ROWS)
-    item_steps = _row_steps(params, steps is not None and split_in_two, ITEM_ROWS)
-    taken = {**(steps or {}), **(item_steps or {})}
+    user_steps = _row_steps(params, extra is None and not with_g, USER_ROWS)
+    item_steps = _row_steps(params, user_steps is not None and split_in_two, ITEM_ROWS)
+    stepped_here = {**(user_steps or {}), **(item_steps or {})}
     # the kernel writes every gradient whole, the L2 terms included (the items' in the first half)
     grads = {name: torch.empty(p.shape, dtype=p.dtype) for name, p in params.items()
-             if name not in taken}  # (no gradient where the kernel takes Adam's step)
+             if name not in stepped_here}  # (no gradient where the kernel takes Adam's step)
     U, V = _np(params["user_factors"].contiguous()), _np(params["item_factors"].contiguous())
     has_bias = "user_bias" in params
     empty = np.empty(0, dtype=U.dtype)
     bu = _np(params["user_bias"]) if has_bias else empty
     bi = _np(params["item_bias"]) if has_bias else empty
-    dbu = _np(grads["user_bias"]) if has_bias and steps is None else empty
-    dbi = empty if not has_bias else np.empty_like(bi) if "item_bias" in taken else _np(grads["item_bias"])
+    dbu = _np(grads["user_bias"]) if has_bias and user_steps is None else empty
+    if not has_bias:
+        dbi = empty
+    else:  # (a buffer of its own where the items' step is taken here)
+        dbi = np.empty_like(bi) if "item_bias" in stepped_here else _np(grads["item_bias"])
     items = _np(batch.items)
     values = _np(batch.values.to(params["user_factors"].dtype))
     like = U.dtype.type  # the per-rating arithmetic stays in the parameters' dtype
     extra_np = empty if extra is None else _np(extra.to(params["user_factors"].dtype).contiguous())
     g = torch.empty(len(users), dtype=params["user_factors"].dtype) if with_g else None
-    w_user_np = _weights(objective, "user_factors")  # the kernel weighs b_u's L2 term alike
-    w_item_np, w_item_bias_np = _weights(objective, "item_factors"), _weights(objective, "item_bias")
-    dU = empty.reshape(0, 0) if steps is not None else _np(grads["user_factors"])
+    w_user_np = _weights(objective, "user_factors", U.dtype)  # the kernel weighs b_u's L2 term alike
+    w_item_np, w_item_bias_np = (_weights(objective, name, U.dtype) for name in ("item_factors", "item_bias"))
+    dU = empty.reshape(0, 0) if user_steps is not None else _np(grads["user_factors"])
     dV = np.empty(V.shape, dtype=V.dtype) if item_steps is not None else _np(grads["item_factors"])
-    moments = _row_step_arrays(steps, has_bias, empty)
+    moments = _row_step_arrays(user_steps, has_bias, empty)
 
     def users_in(lo: int, hi: int, dV_part: np.ndarray, dbi_part: np.ndarray, item_l2: bool) -> tuple[float, ...]:
         return k["data_term"](
@@ -120,7 +125,8 @@ def loss_and_grad(params: dict[str, torch.Tensor], batch: Coords, objective: Obj
     else:
         # two halves of the users (at once when KERNEL_THREADS allows; the kernel releases the
         # GIL), split at the batch's median user; each half writes its own users' rows, the
-        # second half's item gradients go to a buffer of their own, added after
+        # second half's item gradients go to a buffer of their own, added after (or summed
+        # inside the items' Adam step, where it is taken here)
         split = median_user(users, n_users)
         dV_second, dbi_second = np.empty_like(dV), np.empty_like(dbi)
         first, second = in_two(lambda: users_in(0, split, dV, dbi, True),
@@ -131,21 +137,21 @@ def loss_and_grad(params: dict[str, torch.Tensor], batch: Coords, objective: Obj
         else:
             dV += dV_second
             dbi += dbi_second
-    if steps is not None:  # taken: the rows' statistics, for whoever asked (FlowAdam's trigger)
-        _mark_taken(steps, np.array(sums, dtype=np.float64))
+    if user_steps is not None:  # taken: the rows' statistics, for whoever asked (FlowAdam's trigger)
+        _mark_taken(user_steps, np.array(sums, dtype=np.float64))
     loss = torch.tensor(data + penalty, dtype=params["user_factors"].dtype)
     return (loss, grads, g) if with_g else (loss, grads)
 
 
-def _weights(objective: Objective, name: str) -> np.ndarray:
-    """``name``'s L2 row weights as the kernel takes them (in their own dtype: the kernel widens each
-    to float64 exactly, without a converted copy each step; empty: uniform 1)."""
+def _weights(objective: Objective, name: str, dtype: np.dtype) -> np.ndarray:
+    """``name``'s L2 row weights as the kernel takes them: in their own dtype where it is float32 or
+    float64 (the kernel widens each to float64 exactly; no converted copy each step), else as
+    float64; empty (uniform 1) in ``dtype``, the parameters', so that the kernel has one
+    signature per parameter dtype."""
     w = objective.row_weights(name)
-    return np.empty(0, dtype=np.float64) if w is None else _np(w.contiguous())
-
-
-USER_ROWS = ("user_factors", "user_bias")
-ITEM_ROWS = ("item_factors", "item_bias")
+    if w is None:
+        return np.empty(0, dtype=dtype)
+    return _np((w if w.dtype in (torch.float32, torch.float64) else w.to(torch.float64)).contiguous())
 
 
 def _row_steps(params: dict[str, torch.Tensor], allowed: bool,
@@ -176,12 +182,12 @@ def _mark_taken(steps: dict[str, AdamRowStep], sums: np.ndarray) -> None:
         st.taken = sums if name.endswith("_factors") else np.zeros(3)
 
 
-def _take_item_steps(k: dict[str, Any], steps: dict[str, AdamRowStep], V: np.ndarray, bi: np.ndarray,
+def _take_item_steps(kernels: dict[str, Any], steps: dict[str, AdamRowStep], V: np.ndarray, bi: np.ndarray,
                      dV: tuple[np.ndarray, np.ndarray], dbi: tuple[np.ndarray, np.ndarray]) -> None:
     """Adam's offered step on the item factors (and biases), their gradient the sum of the two
     halves' parts (``dV``, ``dbi``); each half of the factors' elements on one of the kernels'
     threads, the biases with the first (fixed halves: the numbers do not depend on the threads)."""
-    run = k["summed_adam_range"]
+    run = kernels["summed_adam_range"]
     sv = steps["item_factors"]
     sb = steps.get("item_bias")
     adam = np.array(sv.scalars, dtype=np.float64)

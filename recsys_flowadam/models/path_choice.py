@@ -12,7 +12,7 @@ Rule (:func:`choose_path`):
    ratings (scoring all of them costs as much as 25 steps at 10M). A full-batch step is one pass
    over every rating and Adam needs about a hundred of them; the automatic path takes four.
    Unless given, the factors start at ``AUTO_INIT_STD`` (0.0025, not the paper's 0.1) and the Adam
-   family's eps is :func:`auto_eps` (a few rating gradients, not 1e-8): the directions the data
+   family's eps is :func:`auto_eps` (14 rating gradients on a factor of 0.01, not 1e-8): the directions the data
    supports then grow first, as under SGD, and a rank-50 model does not fit the noise.
 2. Otherwise the full-batch representation of ``representation.choose_representation`` (dense
    grid or CSR, by density and the memory budget), so small data (ML-100K, Jester) keeps the
@@ -57,7 +57,8 @@ help (Adam at rank 50 peaked at 0.783, with a faster-decaying rate or batches of
 Cornac's SGD at rank 50 reached 0.7749. The difference is the start: from factors of 0.01 with eps
 at 14 rating gradients (``auto_eps``: 2.5e-6 at batches of 111k) the same schedule gives test
 0.7769 after three passes and 0.7741 after four (dense Adam and FlowAdam E on the same
-trajectory, test RMSE traced at every evaluation), so the path took four (five since: below).
+trajectory, test RMSE traced at every evaluation), so the path took four (five, then four from a
+smaller start, since: below).
 
 Then the batch: a step costs a fixed part (the optimizer's pass over every parameter, 2-3 ms of a
 10 ms step at 10M, and the loop's own work) plus a part that grows with the batch. On a proxy
@@ -161,7 +162,8 @@ class PathChoice:
     lr_scale: float = 1.0  # mini-batches: the schedule starts at this multiple of the configured rate ...
     lr_hold_steps: int = 0  # ... and holds it this many steps before it starts halving
     init_std: float = DEFAULT_INIT_STD  # the factors' initial std where the config leaves it unset
-    eps: float | None = None  # the adaptive optimizers' eps where their options leave it unset (None: theirs)
+    eps: float | None = None  # the adaptive optimizers' eps where their options leave it unset (None: theirs),
+    # in rating gradients on a factor of EPS_FACTOR (auto_eps; the trainer scales it to a larger given init_std)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -191,7 +193,8 @@ def auto_eps(batch_size: int, rating_std: float) -> float:
     share of the batch mean. Measured on that problem (rank 50, init 0.01, lazy Adam): 1 unit
     0.786 (rising after pass 4), 3 units 0.785, 10 units 0.7707 after 10 passes (batches of 20k);
     14 units at the automatic batch 0.7741 after 4 passes (dense Adam and FlowAdam E alike; five
-    passes of 1/50 since: 0.7732). ``EPS_FACTOR`` is that start's factor size: the start has been
+    passes of 1/50 since: 0.7732; four from 0.0025 since: 0.7732). ``EPS_FACTOR`` is that start's
+    factor size: the start has been
     made smaller since (``AUTO_INIT_STD``), and eps kept (see the module docstring). The trainer
     scales it to a given ``init_std`` above ``EPS_FACTOR``."""
     return AUTO_EPS_UNITS * 2.0 * max(rating_std, 1e-12) * EPS_FACTOR / batch_size
@@ -222,7 +225,7 @@ def small_minibatch(n_ratings: int, why: str) -> PathChoice:
     """Mini-batches for data below rule 1's size, for an optimizer that steps only on them
     (lazy-adam): ``SMALL_BATCHES_PER_EPOCH`` batches a pass at the configured rate, no schedule (early
     stopping ends the run), validation twice a pass. The large-data schedule (batches of at
-    least ``MIN_AUTO_BATCH``, five passes) would leave ML-100K with a dozen steps."""
+    least ``MIN_AUTO_BATCH``, four passes) would leave ML-100K with a dozen steps."""
     size = max(1, round(n_ratings / SMALL_BATCHES_PER_EPOCH))
     per_epoch = math.ceil(n_ratings / size)
     every = max(1, per_epoch // 2)

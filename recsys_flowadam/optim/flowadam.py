@@ -27,7 +27,8 @@ per ``step(closure)``:
    preset E also reads the step's trigger statistics, instead of a pass of their own. Where the
    trainer allows it (``fuse_row_steps``: laid-out CPU mini-batches in one process), an Adam step
    of preset E is offered to the gradient kernel, which takes it on the user rows as their
-   gradients are done (``recsys_flowadam.row_step``; the decision is known a step ahead).
+   gradients are done, and on the item rows of a batch split in halves as it sums them
+   (``recsys_flowadam.row_step``; the decision is known a step ahead).
 
 Weight decay is decoupled (AdamW style: theta <- theta * (1 - lr * weight_decay)). It is applied
 on every step, on the ODE branch after the flow, so that it does not vanish when the ODE

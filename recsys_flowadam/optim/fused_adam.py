@@ -15,7 +15,8 @@ the halves are fixed whatever the thread count, so the numbers do not depend on 
 
 Where the trainer sets ``fuse_row_steps`` (laid-out CPU mini-batches, one process), the step is
 first offered to the gradient kernel (``recsys_flowadam.row_step``), which takes it on the user
-rows while it computes them; this pass then updates the rest.
+rows while it computes them, and on the item rows as it sums the item gradients of a batch split
+in halves; this pass then updates the rest.
 """
 
 from __future__ import annotations

@@ -84,7 +84,7 @@ class TrainConfig:
     rank: int = Field(50, ge=1, description="number of latent factors")
     init_std: float | None = Field(
         None, ge=0, allow_inf_nan=False,
-        description="factor init N(0, s^2); unset: 0.1 (the paper's), and 0.01 on the automatic mini-batch path")
+        description="factor init N(0, s^2); unset: 0.1 (the paper's), and 0.0025 on the automatic mini-batch path")
     reg: float | None = Field(
         None, ge=0, allow_inf_nan=False,
         description="L2 weight on the factors; unset: chosen on the validation part (see tune), else "

@@ -464,7 +464,7 @@ def train_model(
     laid_out = lazy or lays_out_batches(problem.spec, problem.coords, choice, device, dctx)
     layout = ((problem.spec.n_users, problem.spec.n_items), problem.dtype) if laid_out else None  # laid out once
     if laid_out and not lazy and dctx is None and hasattr(opt, "fuse_row_steps"):
-        opt.fuse_row_steps = True  # the gradient kernel may take Adam's step on the user rows (row_step)
+        opt.fuse_row_steps = True  # the gradient kernel may take Adam's step on the rows (row_step)
     source = make_batch_source(data, choice.representation == "minibatch", choice.batch_size, config.seed, device,
                                layout, as_coords=not lazy)
     limit = step_limit(config, source.n_batches, choice.max_steps)
