@@ -6,6 +6,7 @@ Top-level functions so that numba's on-disk cache finds them again in a new proc
 import numba
 import numpy as np
 
+from recsys_flowadam.adam_formula import adam_element
 from recsys_flowadam.models.cpu_prefetch import prefetch_row, prefetch_row_read
 
 # the gradient kernel asks for the item row of the rating this many places ahead (4-8 measured alike)
@@ -15,15 +16,6 @@ PREFETCH_AHEAD = 6
 # error_model="numpy": a float division needs no zero check, so Adam's row update vectorises
 jit = numba.njit(cache=True, nogil=True, fastmath={"reassoc", "contract", "nsz", "arcp"}, boundscheck=False,
                  error_model="numpy")
-
-
-@numba.njit(inline="always")
-def adam_element(p, g, m, v, beta1, beta2, c1, c2, step_size, bc2_sqrt, eps, decay):
-    """One element's Adam step, ``(p, m, v)`` after it: ``optim.adam_kernels``' formula (inlined
-    where it is used, so that the loops around it still vectorise)."""
-    m = beta1 * m + c1 * g
-    v = beta2 * v + c2 * (g * g)
-    return p * decay - step_size * m / (np.sqrt(v) / bc2_sqrt + eps), m, v
 
 
 @jit
@@ -219,7 +211,7 @@ def data_term(users, items, values, U, V, bu, bi, offset, huber, delta, scale, d
             for f in range(rank):
                 g_row[f] += g * items_rows[i, f]
                 items_rows[i, rank + 1 + f] += g * u_row[f]
-        if fuse:  # Adam's step on the row while it is in cache (the same formula as optim.adam_kernels)
+        if fuse:  # Adam's step on the row while it is in cache (adam_element: optim.adam_kernels' formula)
             rg = zero
             rm = zero
             rgm = zero
@@ -260,7 +252,7 @@ def summed_adam_range(p, g, g2, m, v, lo, hi, adam):
     hi`` of the flat arrays ``p``, ``m``, ``v``, in place, with the gradient ``g + g2``: the item
     gradients of ``data_term``'s two ranges of users, summed here instead of in a pass of their own.
     Returns ``(g.g, m.m, g.m)`` over the range in float64, ``m`` before the step (FlowAdam's trigger
-    statistics); the same formula as ``optim.adam_kernels.adam_range``. Over slices, not the range,
+    statistics); ``adam_element``, as ``optim.adam_kernels.adam_range``. Over slices, not the range,
     so that LLVM vectorises the loop (as there)."""
     P, G, G2, M, V = p[lo:hi], g[lo:hi], g2[lo:hi], m[lo:hi], v[lo:hi]
     one = p.dtype.type(1.0)

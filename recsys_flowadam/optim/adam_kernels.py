@@ -6,6 +6,8 @@ Top-level functions so that numba's on-disk cache finds them again in a new proc
 import numba
 import numpy as np
 
+from recsys_flowadam.adam_formula import adam_element
+
 # fastmath without nnan/ninf: a NaN gradient must still reach the parameters and the statistics;
 # error_model="numpy": a float division needs no zero check, so the update vectorises (numba's
 # default "python" model kept the loop scalar: 4-5x slower)
@@ -37,26 +39,14 @@ def adam_range(p, g, m, v, lo, hi, beta1, beta2, step_size, bc2_sqrt, eps, decay
             gg += np.float64(gk) * np.float64(gk)
             mm += np.float64(mk) * np.float64(mk)
             gm += np.float64(gk) * np.float64(mk)
-            gk = gk + l2 * P[k]
-            mk = beta1 * mk + c1 * gk
-            vk = beta2 * V[k] + c2 * (gk * gk)
-            M[k] = mk
-            V[k] = vk
-            P[k] = P[k] * decay - step_size * mk / (np.sqrt(vk) / bc2_sqrt + eps)
+            P[k], M[k], V[k] = adam_element(P[k], gk + l2 * P[k], mk, V[k], beta1, beta2, c1, c2, step_size,
+                                            bc2_sqrt, eps, decay)
     elif l2 != 0:
         for k in range(P.shape[0]):
-            gk = G[k] + l2 * P[k]
-            mk = beta1 * M[k] + c1 * gk
-            vk = beta2 * V[k] + c2 * (gk * gk)
-            M[k] = mk
-            V[k] = vk
-            P[k] = P[k] * decay - step_size * mk / (np.sqrt(vk) / bc2_sqrt + eps)
+            P[k], M[k], V[k] = adam_element(P[k], G[k] + l2 * P[k], M[k], V[k], beta1, beta2, c1, c2, step_size,
+                                            bc2_sqrt, eps, decay)
     else:
         for k in range(P.shape[0]):
-            gk = G[k]
-            mk = beta1 * M[k] + c1 * gk
-            vk = beta2 * V[k] + c2 * (gk * gk)
-            M[k] = mk
-            V[k] = vk
-            P[k] = P[k] * decay - step_size * mk / (np.sqrt(vk) / bc2_sqrt + eps)
+            P[k], M[k], V[k] = adam_element(P[k], G[k], M[k], V[k], beta1, beta2, c1, c2, step_size, bc2_sqrt,
+                                            eps, decay)
     return gg, mm, gm
