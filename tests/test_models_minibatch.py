@@ -371,6 +371,36 @@ def test_median_user_halves_the_ratings_in_any_order():
             assert fused_cpu.median_user(users, 6) == counted == fused_cpu.median_user(np.sort(users), 6)
 
 
+def test_user_segments_of_grouped_ratings_count_what_the_sort_counts():
+    """Ratings grouped by user are read in place (binary search for the range, no order array); the
+    segment bounds are the counting sort's of the same ratings in another order, for every range."""
+    from recsys_flowadam.models import fused_cpu
+
+    if not fused_cpu.available():
+        pytest.skip("numba is not installed")
+    from recsys_flowadam.models.fused_kernels import user_segments
+
+    rng = np.random.default_rng(5)
+    for n, n_users in ((0, 4), (1, 4), (9, 3), (200, 17), (1000, 60)):
+        grouped = np.sort(rng.integers(0, n_users, n))
+        shuffled = grouped[::-1].copy()  # (descending: not grouped, whenever two users differ)
+        for u_lo, u_hi in ((0, -1), (0, n_users // 2), (n_users // 2, -1), (1, 1), (3, 2), (n_users, -1)):
+            start, order, offset = user_segments(grouped, n_users, u_lo, u_hi)
+            ref_start, ref_order, ref_offset = user_segments(shuffled, n_users, u_lo, u_hi)
+            hi = n_users if u_hi < 0 else u_hi
+            assert offset == int((grouped < u_lo).sum()) and len(order) == 0
+            assert ref_offset == -1 or n == 0 or grouped[0] == grouped[-1]
+            assert np.array_equal(start, ref_start), (n, u_lo, u_hi)
+            for u in range(u_lo, hi):  # user u's segment holds its ratings and no other
+                assert np.all(grouped[offset + start[u]:offset + start[u + 1]] == u)
+                assert start[u + 1] - start[u] == int((grouped == u).sum())
+            assert start[n_users] == int(((grouped >= u_lo) & (grouped < hi)).sum())
+    with pytest.raises(IndexError):  # out of range, grouped or not, is refused
+        user_segments(np.array([0, 1, 4]), 4)
+    with pytest.raises(IndexError):
+        user_segments(np.array([-1, 0, 1]), 4)
+
+
 def test_fused_kernel_keeps_a_nan_and_falls_back_without_numba(monkeypatch):
     from recsys_flowadam.models import fused_cpu
 

@@ -19,30 +19,62 @@ jit = numba.njit(cache=True, nogil=True, fastmath={"reassoc", "contract", "nsz",
 
 
 @jit
+def grouped_in_range(users, n_users):
+    """Whether ``users`` is non-decreasing with every index in ``0..n_users-1`` (then its first and
+    last say so): one branch-free pass, which vectorises (0.03 ms at 178k ratings, where a loop that
+    stops at the first fault took 0.25 ms)."""
+    m = users.shape[0]
+    if m == 0:
+        return True
+    descents = 0
+    for k in range(1, m):
+        descents += users[k] < users[k - 1]
+    return descents == 0 and users[0] >= 0 and users[m - 1] < n_users
+
+
+@jit
+def first_at_or_past(users, u):
+    """The first position of non-decreasing ``users`` that holds a user ``>= u`` (binary search)."""
+    lo, hi = 0, users.shape[0]
+    while lo < hi:
+        mid = (lo + hi) // 2
+        if users[mid] < u:
+            lo = mid + 1
+        else:
+            hi = mid
+    return lo
+
+
+@jit
 def user_segments(users, n_users, u_lo=0, u_hi=-1):
     """``(start, order, offset)``: the positions of the ratings of users ``u_lo <= u < u_hi`` (``u_hi``
     -1: all users) grouped by user; user ``u``'s ratings are ``order[start[u]:start[u + 1]]``, or,
     where the ratings already come grouped by user (``offset >= 0``: laid-out batches), positions
     ``offset + start[u]`` to ``offset + start[u + 1]`` and ``order`` is empty (no sort to write).
-    A counting sort, O(m + n_users), otherwise. Every rating's user index is checked."""
+    A counting sort, O(m + n_users), otherwise. Every rating's user index is checked.
+
+    Grouped ratings: one vectorised check of the order (``grouped_in_range``), then only the range's
+    positions (found by binary search) are counted. Each half of a split batch counted all of the
+    batch's ratings, with a check per rating, before: 0.3 ms a half at 178k ratings."""
     hi = n_users if u_hi < 0 else u_hi
     start = np.zeros(n_users + 1, dtype=np.int64)
-    grouped = True
-    below = 0
+    if grouped_in_range(users, n_users):
+        first = first_at_or_past(users, u_lo)
+        last = first_at_or_past(users, hi) if hi > u_lo else first
+        for k in range(first, last):
+            start[users[k] + 1] += 1
+        for u in range(u_lo, hi):  # (zero below the range, flat above it)
+            start[u + 1] += start[u]
+        start[hi + 1:] = start[hi]
+        return start, np.empty(0, dtype=np.int64), first
     for k in range(users.shape[0]):
         u = users[k]
         if u < 0 or u >= n_users:  # the kernels run without bounds checks
             raise IndexError("a rating's user index lies outside the factor tables")
-        if k > 0 and u < users[k - 1]:
-            grouped = False
-        if u < u_lo:
-            below += 1
-        elif u < hi:
+        if u_lo <= u < hi:
             start[u + 1] += 1
     for u in range(n_users):
         start[u + 1] += start[u]
-    if grouped:
-        return start, np.empty(0, dtype=np.int64), below
     fill = start[:-1].copy()
     order = np.empty(start[n_users], dtype=np.int64)
     for k in range(users.shape[0]):
@@ -56,18 +88,13 @@ def user_segments(users, n_users, u_lo=0, u_hi=-1):
 @jit
 def median_user(users, n_users):
     """The first user at or past whom half of the ratings lie (``fused_cpu.median_user``): on
-    ratings grouped by user, the middle rating's, after one pass that checks the order; else
-    counted (indices outside ``0..n_users-1`` are not counted: the gradient kernel refuses them)."""
+    ratings grouped by user, the middle rating's, after one vectorised check of their order
+    (``grouped_in_range``); else counted (indices outside ``0..n_users-1`` are not counted: the
+    gradient kernel refuses them)."""
     m = users.shape[0]
+    if m > 0 and grouped_in_range(users, n_users):
+        return users[m // 2]
     middle = m // 2
-    grouped = m > 0
-    for k in range(m):
-        u = users[k]
-        if u < 0 or u >= n_users or (k > 0 and u < users[k - 1]):
-            grouped = False
-            break
-    if grouped:
-        return users[middle]
     count = np.zeros(n_users, dtype=np.int64)
     for k in range(m):
         if 0 <= users[k] < n_users:
