@@ -668,8 +668,8 @@ def test_laid_out_runs_let_the_kernel_take_the_rows_step_with_the_same_result(da
     monkeypatch.setattr(fused_adam, "MIN_ELEMENTS", 1)
     monkeypatch.setattr(fused_cpu, "PARALLEL_MIN_RATINGS", 0 if halves else 10**9)
     # the two runs' sums differ in their rounding only (the kernel and the optimizer's pass contract
-    # different products): float64 checks the same numbers; float32 carries the rounding into the
-    # fourth digit by the run's end
+    # different products): float64 checks the same numbers; float32 with the items' step taken too
+    # carries the rounding into the fourth digit by the run's end
     cfg = TrainConfig(model="biased-mf", rank=3, optimizer=optimizer, reg=0.01, seed=3, patience=0,
                       optimizer_kwargs={"eps": 1e-8}, dtype=dtype)
     taken, items_taken = [], []
@@ -689,8 +689,11 @@ def test_laid_out_runs_let_the_kernel_take_the_rows_step_with_the_same_result(da
     plain = train_model(train, val, cfg)
     assert taken and not any(taken)
     assert fused.steps == plain.steps and fused.best_step == plain.best_step
-    tol = {"float64": 1e-9, "float32": 2e-3}[dtype]
-    assert fused.best_val_rmse == pytest.approx(plain.best_val_rmse, rel=tol / 10)
+    # (rtol, atol, the validation RMSE's rel): float32 with the user rows' step alone keeps the bounds
+    # this test had before the items' step was taken in the kernel
+    rtol, atol, val_rel = {("float64", False): (1e-9, 1e-11, 1e-10), ("float64", True): (1e-9, 1e-11, 1e-10),
+                           ("float32", False): (1e-4, 1e-5, 1e-5), ("float32", True): (2e-3, 2e-5, 2e-4)}[dtype, halves]
+    assert fused.best_val_rmse == pytest.approx(plain.best_val_rmse, rel=val_rel)
     for k in plain.params:
         assert fused.params[k].dtype == getattr(torch, dtype)
-        torch.testing.assert_close(fused.params[k], plain.params[k], rtol=tol, atol=tol / 100)
+        torch.testing.assert_close(fused.params[k], plain.params[k], rtol=rtol, atol=atol)
