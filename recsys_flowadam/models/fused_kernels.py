@@ -60,7 +60,7 @@ def user_segments(users, n_users, u_lo=0, u_hi=-1):
     start = np.zeros(n_users + 1, dtype=np.int64)
     if grouped_in_range(users, n_users):
         first = first_at_or_past(users, u_lo)
-        last = first_at_or_past(users, hi) if hi > u_lo else first
+        last = first_at_or_past(users, hi)  # (at or before first where the range is empty)
         for k in range(first, last):
             start[users[k] + 1] += 1
         for u in range(u_lo, hi):  # (zero below the range, flat above it)
@@ -92,9 +92,9 @@ def median_user(users, n_users):
     (``grouped_in_range``); else counted (indices outside ``0..n_users-1`` are not counted: the
     gradient kernel refuses them)."""
     m = users.shape[0]
-    if m > 0 and grouped_in_range(users, n_users):
-        return users[m // 2]
     middle = m // 2
+    if m > 0 and grouped_in_range(users, n_users):
+        return users[middle]
     count = np.zeros(n_users, dtype=np.int64)
     for k in range(m):
         if 0 <= users[k] < n_users:
@@ -105,6 +105,20 @@ def median_user(users, n_users):
         if seen > middle:
             return u
     return n_users
+
+
+@numba.njit(inline="always")
+def adam_scalars(adam, like):
+    """An offered step's scalars (``row_step``: beta1, beta2, lr / bias_correction1,
+    sqrt(bias_correction2), eps, decay) in ``like``'s dtype, as ``(beta1, beta2, 1 - beta1, 1 - beta2,
+    step_size, bc2_sqrt, eps, decay)``, the arguments of ``adam_element``; ``adam`` empty (no step
+    offered): ones, with zeros for ``1 - beta``."""
+    one = like.dtype.type(1.0)
+    if adam.shape[0] == 0:
+        return one, one, one - one, one - one, one, one, one, one
+    beta1, beta2 = like.dtype.type(adam[0]), like.dtype.type(adam[1])
+    return (beta1, beta2, one - beta1, one - beta2, like.dtype.type(adam[2]), like.dtype.type(adam[3]),
+            like.dtype.type(adam[4]), like.dtype.type(adam[5]))
 
 
 @jit
@@ -157,15 +171,7 @@ def data_term(users, items, values, U, V, bu, bi, offset, huber, delta, scale, d
     weighted = w_user.shape[0] > 0
     fuse = adam.shape[0] > 0
     two = U.dtype.type(2.0)
-    one = U.dtype.type(1.0)
-    beta1 = U.dtype.type(adam[0]) if fuse else one
-    beta2 = U.dtype.type(adam[1]) if fuse else one
-    step_size = U.dtype.type(adam[2]) if fuse else one
-    bc2_sqrt = U.dtype.type(adam[3]) if fuse else one
-    eps = U.dtype.type(adam[4]) if fuse else one
-    decay = U.dtype.type(adam[5]) if fuse else one
-    c1 = one - beta1
-    c2 = one - beta2
+    beta1, beta2, c1, c2, step_size, bc2_sqrt, eps, decay = adam_scalars(adam, U)
     gg = 0.0
     mm = 0.0
     gm = 0.0
@@ -282,12 +288,7 @@ def summed_adam_range(p, g, g2, m, v, lo, hi, adam):
     statistics); ``adam_element``, as ``optim.adam_kernels.adam_range``. Over slices, not the range,
     so that LLVM vectorises the loop (as there)."""
     P, G, G2, M, V = p[lo:hi], g[lo:hi], g2[lo:hi], m[lo:hi], v[lo:hi]
-    one = p.dtype.type(1.0)
-    beta1, beta2 = p.dtype.type(adam[0]), p.dtype.type(adam[1])
-    step_size, bc2_sqrt = p.dtype.type(adam[2]), p.dtype.type(adam[3])
-    eps, decay = p.dtype.type(adam[4]), p.dtype.type(adam[5])
-    c1 = one - beta1
-    c2 = one - beta2
+    beta1, beta2, c1, c2, step_size, bc2_sqrt, eps, decay = adam_scalars(adam, p)
     gg = 0.0
     mm = 0.0
     gm = 0.0
