@@ -181,6 +181,13 @@ def test_pending_losses_are_read_in_order_once():
     assert pending.add(1.0) is False and pending.add(float("nan")) is False and pending.add(3.0) is True
     first, got = pending.read()
     assert first == 10 and got[0] == 1.0 and math.isnan(got[1]) and got[2] == 3.0
+    # floats and tensors mixed, in either order, keep the steps' order
+    for mixed in ([0.5, torch.tensor(1.5), 2.5], [torch.tensor(0.25), 0.75], [4.0, 5.0]):
+        first_before = pending.first_step
+        for v in mixed:
+            pending.add(v)
+        assert pending.read() == (first_before, [float(v) for v in mixed])
+    assert pending.read() == (20, [])
 
 
 @pytest.mark.parametrize("batch", [None, 100])

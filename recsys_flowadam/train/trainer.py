@@ -109,20 +109,33 @@ class PendingLosses:
     def __init__(self, first_step: int, capacity: int = 1024) -> None:
         self.first_step, self.capacity = first_step, capacity
         self._buffer: torch.Tensor | None = None
+        self._floats: list[float] = []  # losses that came as floats while no tensor had (kept as they are)
         self._count = 0
 
     def add(self, loss: torch.Tensor | float) -> bool:
-        """Keep one step's loss; True when the buffer is full (read it now)."""
-        if self._buffer is None:
-            device = loss.device if isinstance(loss, torch.Tensor) else None
-            self._buffer = torch.empty(self.capacity, dtype=torch.float64, device=device)
-        self._buffer[self._count] = loss.detach() if isinstance(loss, torch.Tensor) else float(loss)
+        """Keep one step's loss; True when the buffer is full (read it now). A float (lazy-adam's
+        fused step returns one) goes to a list: writing it into a tensor cost a tenth of an
+        ML-100K step."""
+        if isinstance(loss, torch.Tensor):
+            if self._buffer is None:
+                self._buffer = torch.empty(self.capacity, dtype=torch.float64, device=loss.device)
+            if self._floats:  # (a run gives one kind; should it mix them, the order is kept)
+                self._buffer[:len(self._floats)] = torch.tensor(self._floats, dtype=torch.float64)
+                self._floats = []
+            self._buffer[self._count] = loss.detach()
+        elif self._count > len(self._floats):  # the steps before it went to the buffer
+            self._buffer[self._count] = float(loss)  # type: ignore[index]
+        else:
+            self._floats.append(float(loss))
         self._count += 1
         return self._count == self.capacity
 
     def read(self) -> tuple[int, list[float]]:
         """``(first step, losses)`` of the steps kept so far (one device -> host transfer); empties."""
-        first, values = self.first_step, [] if self._buffer is None else self._buffer[:self._count].tolist()
+        first = self.first_step
+        kept_as_floats = self._count == len(self._floats) or self._buffer is None
+        values = self._floats if kept_as_floats else self._buffer[:self._count].tolist()  # type: ignore[index]
+        self._floats = []
         self.first_step += self._count
         self._count = 0
         return first, values
@@ -203,6 +216,8 @@ class StepDriver:
         self.on_step, self.bar = on_step, bar
         self.counter = CountingClosure(closure)
         self.counter.calls = state.grad_evals
+        # lazy-adam's step without torch's wrapper: a tenth of an ML-100K step (LazyAdam.fused_step)
+        self._opt_step = getattr(opt, "fused_step", opt.step)
         self.pending = PendingLosses(state.step + 1)
         self._t0, self._elapsed0 = 0.0, state.elapsed  # set when run() starts
 
@@ -237,7 +252,7 @@ class StepDriver:
         if self.lr_decay is not None:
             self.lr_decay.apply(st.step)
         try:
-            loss = self.opt.step(self.counter)
+            loss = self._opt_step(self.counter)
         except PeerLostError as exc:
             path, ck_step = self.checkpointer.last_good(st)
             hint = f"; the last checkpoint ({path}, step {ck_step}) is kept: rerun with --resume" if ck_step else ""
