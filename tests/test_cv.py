@@ -81,12 +81,12 @@ def test_each_fold_equals_train_with_that_split(tmp_path, capsys):
 def test_json_report_content_and_file(tmp_path, capsys):
     out = tmp_path / "sub" / "report.json"
     printed = _run_json(capsys, ["cv", *SYN, "--optimizer", "adam", "--folds", "kfold:4:1,kfold:4:3",
-                                 "--out", str(out), "--json"])
+                                 "--out", str(out), "--json", "--jobs", "1"])
     assert _strict(out.read_text()) == printed  # the file holds what --json prints
     assert printed["out"] == str(out)
     assert (printed["dataset"], printed["model"], printed["optimizer"], printed["seed"]) == (
         "synthetic", "biased-mf", "adam", 0)
-    assert printed["folds"] == ["kfold:4:1", "kfold:4:3"] and printed["n_folds"] == 2
+    assert printed["folds"] == ["kfold:4:1", "kfold:4:3"] and printed["n_folds"] == 2 and printed["jobs"] == 1
     rows = printed["per_fold"]
     for key in ("test_rmse", "test_mae", "seconds"):
         values = [row[key] for row in rows]
@@ -155,6 +155,7 @@ def test_a_file_that_appears_during_the_run_is_kept(tmp_path, capsys, monkeypatc
     (["--folds", "kfold:1"], "K >= 2"),
     (["--folds", "u1"], "fold u1"),  # generated data has no canonical split files
     (["--threads", "0"], "--threads"),
+    (["--jobs", "0"], "--jobs"),
     (["--rank", "-1"], "--rank"),
     (["--optimizer", "nosuch", "--folds", "kfold:3"], "fold kfold:3:1"),  # fails in training
     (["--context", "time:2"], "timestamps"),  # generated data has none
@@ -216,3 +217,96 @@ def test_ml100k_canonical_fold_equals_train(real_data_dir, tmp_path, capsys, ext
     row = report["per_fold"][0]
     assert {key: row[key] for key in SAME} == {key: train[key] for key in SAME}
     assert row["n_test"] == 20_000
+
+
+@pytest.mark.parametrize("optimizer", ["flowadam", "adam", "lazy-adam"])
+def test_folds_at_once_give_the_numbers_of_one_at_a_time(tmp_path, capsys, optimizer):
+    import torch
+
+    from recsys_flowadam import kernel_pool
+
+    threads, kernels = torch.get_num_threads(), kernel_pool.KERNEL_THREADS
+    argv = ["cv", *SYN, "--optimizer", optimizer, "--refit", "--folds", "kfold:3", "--json"]
+    alone = _run_json(capsys, [*argv, "--jobs", "1", "--out", str(tmp_path / "one.json")])
+    at_once = _run_json(capsys, [*argv, "--jobs", "2", "--out", str(tmp_path / "two.json")])
+    assert (alone["jobs"], at_once["jobs"]) == (1, 2)
+    assert [row["fold"] for row in at_once["per_fold"]] == ["kfold:3:1", "kfold:3:2", "kfold:3:3"]
+    for one, two in zip(alone["per_fold"], at_once["per_fold"]):
+        assert {key: one[key] for key in SAME} == {key: two[key] for key in SAME}
+    assert at_once["test_rmse"] == alone["test_rmse"]
+    # the process's settings are back as they were
+    assert (torch.get_num_threads(), kernel_pool.KERNEL_THREADS) == (threads, kernels)
+    # the table says so, and its rows come in the folds' order
+    assert main(["cv", *SYN, "--optimizer", optimizer, "--folds", "kfold:3", "--jobs", "3",
+                 "--out", str(tmp_path / "three.json")]) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert out[0].endswith("3 folds (3 at a time)")
+    assert [line.split()[0] for line in out[2:5]] == ["kfold:3:1", "kfold:3:2", "kfold:3:3"]
+
+
+def test_run_folds_runs_them_at_once_and_reports_in_order():
+    import threading
+    import time
+
+    from recsys_flowadam.train.crossval import run_folds
+
+    meet = threading.Barrier(2, timeout=10)  # passes only when two folds run at the same time
+
+    def run(fold: str) -> dict:
+        if fold in ("a", "b"):
+            meet.wait()
+        if fold == "a":
+            time.sleep(0.2)  # finishes after b
+        return {"fold": fold, "thread": threading.current_thread().name}
+
+    seen: list[str] = []
+    rows = run_folds(run, ["a", "b", "c"], 2, lambda row: seen.append(row["fold"]))
+    assert seen == [row["fold"] for row in rows] == ["a", "b", "c"]
+    assert all(row["thread"].startswith("recsys-cv-fold") for row in rows)
+    # one at a time: on the caller's thread, in order
+    here = [row["thread"] for row in run_folds(lambda f: {"thread": threading.current_thread()}, ["x", "y"], 1)]
+    assert here == [threading.main_thread()] * 2
+
+
+def test_a_failing_fold_is_raised_in_its_turn_and_settings_restored():
+    import torch
+
+    from recsys_flowadam import kernel_pool
+    from recsys_flowadam.train.crossval import run_folds
+
+    threads, kernels = torch.get_num_threads(), kernel_pool.KERNEL_THREADS
+
+    def run(fold: str) -> dict:
+        if fold in ("b", "c"):
+            raise ValueError(f"fold {fold} broke")
+        return {"fold": fold}
+
+    seen: list[str] = []
+    with pytest.raises(ValueError, match="fold b broke"):
+        run_folds(run, ["a", "b", "c", "d"], 2, lambda row: seen.append(row["fold"]))
+    assert seen == ["a"]
+    assert (torch.get_num_threads(), kernel_pool.KERNEL_THREADS) == (threads, kernels)
+
+
+def test_fold_jobs_chooses_by_device_size_and_cores(monkeypatch):
+    import torch
+
+    from recsys_flowadam import kernel_pool
+    from recsys_flowadam.train.config import TrainConfig
+    from recsys_flowadam.train.crossval import CONCURRENT_FOLDS_MAX_RATINGS, fold_jobs
+
+    cpu = TrainConfig(device="cpu")
+    monkeypatch.setattr(kernel_pool, "KERNEL_THREADS", 2)
+    assert fold_jobs(100_000, cpu, 5) == 2
+    assert fold_jobs(100_000, cpu, 1) == 1
+    assert fold_jobs(CONCURRENT_FOLDS_MAX_RATINGS, cpu, 5) == 2
+    assert fold_jobs(CONCURRENT_FOLDS_MAX_RATINGS + 1, cpu, 5) == 1  # a fold's kernels use both cores
+    assert fold_jobs(10**8, cpu, 5, jobs=3) == 3 and fold_jobs(100, cpu, 2, jobs=4) == 2  # as asked, <= folds
+    with pytest.raises(ValueError, match="at least 1"):
+        fold_jobs(100, cpu, 5, jobs=0)
+    monkeypatch.setattr(kernel_pool, "KERNEL_THREADS", 1)  # one core to use (or asked for one)
+    assert fold_jobs(100_000, cpu, 5) == 1
+    monkeypatch.setattr(kernel_pool, "KERNEL_THREADS", 2)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert fold_jobs(100_000, TrainConfig(device="auto"), 5) == 1  # on the GPU: one at a time
+    assert fold_jobs(100_000, TrainConfig(device="auto", optimizer="lazy-adam"), 5) == 2  # lazy-adam: the CPU

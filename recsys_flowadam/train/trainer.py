@@ -177,6 +177,14 @@ def resolve_device(name: str) -> torch.device:
     return device
 
 
+def training_device(config: TrainConfig) -> torch.device:
+    """The device a run of ``config`` trains on (in one process): ``config.device`` resolved, except
+    that lazy-adam's fused step is a CPU kernel, so "auto" means the CPU for it even where CUDA is."""
+    if config.optimizer.lower() == LAZY_ADAM and config.device == "auto":
+        return torch.device("cpu")
+    return resolve_device(config.device)
+
+
 class LrDecay:
     """The learning rate of every parameter group at ``scale`` times its configured value for
     ``hold`` steps, then halving every ``half_life`` steps, smoothly:
@@ -459,8 +467,7 @@ def train_model(
                          "use it without checkpoint_every and resume")
     dctx = distributed if distributed is not None else current_distributed()
     lazy = config.optimizer.lower() == LAZY_ADAM
-    # lazy-adam's fused step is a CPU kernel: "auto" means the CPU for it, even where CUDA is
-    device = torch.device("cpu") if lazy and config.device == "auto" else resolve_device(config.device)
+    device = training_device(config)
     device = device if dctx is None else dctx.device(device)
     problem = build_problem(train, config, device)
     data = place_training_data(problem.coords, problem.objective, dctx, config.seed, device)
