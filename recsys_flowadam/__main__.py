@@ -1,7 +1,5 @@
 """`python -m recsys_flowadam` is the `recsys-flowadam` command."""
 
-import sys
+from recsys_flowadam.cli import run
 
-from recsys_flowadam.cli import main
-
-sys.exit(main())
+run()

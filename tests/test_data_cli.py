@@ -90,6 +90,42 @@ def test_console_entry_point_runs(root):
     assert proc.returncode == 0 and "ml-100k" in proc.stdout
 
 
+def _command(code: str) -> subprocess.CompletedProcess:
+    """Run ``code`` (which calls the command's entry point) in a fresh interpreter with an exit
+    handler registered first, as a library's would be."""
+    prelude = "import atexit, sys; atexit.register(lambda: sys.stderr.write('exit handler ran\\n'))\n"
+    return subprocess.run([sys.executable, "-c", prelude + code], capture_output=True, text=True, timeout=60)
+
+
+# the command's entry point, with main replaced by one that prints a megabyte (more than a pipe holds)
+PRINTS_A_MEGABYTE = ("import recsys_flowadam.cli as cli\n"
+                     "cli.main = lambda argv=None: print('x' * 1_000_000) or 0\n"
+                     "cli.run()\n")
+
+
+def test_command_ends_without_teardown_but_with_exit_handlers_and_all_output(root):
+    ok = _command(f"from recsys_flowadam.cli import run; run(['data', 'list', '--data-dir', {str(root)!r}])")
+    assert ok.returncode == 0 and ok.stdout.splitlines()[1].split()[:2] == ["NAME", "SIZE"]
+    assert ok.stderr == "exit handler ran\n"  # the handlers ran, and no teardown printed anything
+    big = _command(PRINTS_A_MEGABYTE)  # all of it arrives, though the process ends right after
+    assert big.returncode == 0 and big.stdout == "x" * 1_000_000 + "\n" and big.stderr == "exit handler ran\n"
+    err = _command("from recsys_flowadam.cli import run; "
+                   f"run(['data', 'info', 'nosuch', '--data-dir', {str(root)!r}])")
+    assert err.returncode == 2 and "unknown dataset 'nosuch'" in err.stderr and "exit handler ran" in err.stderr
+
+
+def test_a_reader_that_goes_away_ends_the_command_quietly():
+    reader = ("import subprocess, sys\n"
+              f"p = subprocess.Popen([sys.executable, '-c', {PRINTS_A_MEGABYTE!r}], stdout=subprocess.PIPE,"
+              " stderr=subprocess.PIPE)\n"
+              "p.stdout.read(10)\n"
+              "p.stdout.close()  # (as head does)\n"
+              "err = p.stderr.read().decode()\n"
+              "print(p.wait(), repr(err))\n")
+    proc = subprocess.run([sys.executable, "-c", reader], capture_output=True, text=True, timeout=60)
+    assert proc.stdout.strip() == "1 ''"  # status 1, and not a word on stderr (no traceback)
+
+
 def test_missing_dataset_says_which_root_was_searched_and_creates_nothing(root, capsys, monkeypatch, tmp_path):
     before = sorted(p.name for p in root.iterdir())
     assert main(["data", "info", "jester-4", "--data-dir", str(root)]) == 2
