@@ -302,6 +302,7 @@ def test_fold_jobs_chooses_by_device_size_and_cores(monkeypatch):
     assert fold_jobs(CONCURRENT_FOLDS_MAX_RATINGS, cpu, 5) == 2
     assert fold_jobs(CONCURRENT_FOLDS_MAX_RATINGS + 1, cpu, 5) == 1  # a fold's kernels use both cores
     assert fold_jobs(10**8, cpu, 5, jobs=3) == 3 and fold_jobs(100, cpu, 2, jobs=4) == 2  # as asked, <= folds
+    assert fold_jobs(100_000, TrainConfig(device="cpu", memory_budget_gb=2.0), 5) == 1  # a budget is per fold
     with pytest.raises(ValueError, match="at least 1"):
         fold_jobs(100, cpu, 5, jobs=0)
     monkeypatch.setattr(kernel_pool, "KERNEL_THREADS", 1)  # one core to use (or asked for one)
