@@ -268,24 +268,62 @@ def test_run_folds_runs_them_at_once_and_reports_in_order():
     assert here == [threading.main_thread()] * 2
 
 
-def test_a_failing_fold_is_raised_in_its_turn_and_settings_restored():
+def test_a_failing_fold_stops_the_rest_and_is_raised_once_the_running_ones_end():
+    import threading
+    import time
+
     import torch
 
     from recsys_flowadam import kernel_pool
     from recsys_flowadam.train.crossval import run_folds
 
     threads, kernels = torch.get_num_threads(), kernel_pool.KERNEL_THREADS
+    started: list[str] = []
+    b_runs = threading.Event()
 
     def run(fold: str) -> dict:
-        if fold in ("b", "c"):
-            raise ValueError(f"fold {fold} broke")
+        started.append(fold)
+        if fold == "a":
+            b_runs.wait(10)
+            raise ValueError("fold a broke")
+        b_runs.set()
+        time.sleep(1.0)  # b runs on while a fails; the worker a freed must not start c
         return {"fold": fold}
 
-    seen: list[str] = []
-    with pytest.raises(ValueError, match="fold b broke"):
-        run_folds(run, ["a", "b", "c", "d"], 2, lambda row: seen.append(row["fold"]))
-    assert seen == ["a"]
+    t0 = time.perf_counter()
+    with pytest.raises(ValueError, match="fold a broke"):
+        run_folds(run, ["a", "b", "c", "d"], 2, lambda row: pytest.fail("no row comes before a's"))
+    assert sorted(started) == ["a", "b"]  # c and d never started
+    assert time.perf_counter() - t0 >= 0.9  # raised once b had ended
+    assert not any(t.name.startswith("recsys-cv-fold") for t in threading.enumerate())
     assert (torch.get_num_threads(), kernel_pool.KERNEL_THREADS) == (threads, kernels)
+
+
+def test_an_interrupt_does_not_wait_for_the_running_folds():
+    import threading
+    import time
+
+    from recsys_flowadam import kernel_pool
+    from recsys_flowadam.train.crossval import run_folds
+
+    kernels, release = kernel_pool.KERNEL_THREADS, threading.Event()
+
+    def run(fold: str) -> dict:
+        if fold == "b":
+            release.wait(30)
+        return {"fold": fold}
+
+    def interrupt(row: dict) -> None:
+        raise KeyboardInterrupt
+
+    t0 = time.perf_counter()
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            run_folds(run, ["a", "b", "c"], 2, interrupt)
+        assert time.perf_counter() - t0 < 10  # b still runs: not waited for
+        assert kernel_pool.KERNEL_THREADS == kernels
+    finally:
+        release.set()
 
 
 def test_fold_jobs_chooses_by_device_size_and_cores(monkeypatch):

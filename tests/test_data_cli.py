@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+import time
 
 import pytest
 
@@ -112,6 +113,19 @@ def test_command_ends_without_teardown_but_with_exit_handlers_and_all_output(roo
     err = _command("from recsys_flowadam.cli import run; "
                    f"run(['data', 'info', 'nosuch', '--data-dir', {str(root)!r}])")
     assert err.returncode == 2 and "unknown dataset 'nosuch'" in err.stderr and "exit handler ran" in err.stderr
+
+
+def test_the_command_does_not_wait_on_the_interpreter_s_teardown():
+    # a thread left running by the command (a stand-in for the teardown's cost): normal
+    # interpreter exit would wait the minute out; the command ends once its exit handlers ran
+    leaves_a_thread = ("import threading, time\n"
+                       "import recsys_flowadam.cli as cli\n"
+                       "cli.main = lambda argv=None: threading.Thread(target=time.sleep, args=(60,)).start() or 3\n"
+                       "cli.run()\n")
+    t0 = time.perf_counter()
+    proc = _command(leaves_a_thread)
+    assert proc.returncode == 3 and proc.stderr == "exit handler ran\n"
+    assert time.perf_counter() - t0 < 30
 
 
 def test_a_reader_that_goes_away_ends_the_command_quietly():

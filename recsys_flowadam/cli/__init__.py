@@ -84,7 +84,9 @@ def run(argv: Sequence[str] | None = None) -> NoReturn:
     for stream in (sys.stdout, sys.stderr):
         try:
             stream.flush()
-        except (OSError, ValueError):  # a closed pipe (``| head``) or stream: nothing more to deliver
+        except BrokenPipeError:  # the reader went away before the last of the output
+            status = 1
+        except (OSError, ValueError):  # a stream closed or gone: nothing more to deliver
             pass
     run_exit_handlers()
     os._exit(status)

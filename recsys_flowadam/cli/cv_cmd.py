@@ -43,10 +43,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--force", action="store_true", help="replace the --out file if it exists")
     g.add_argument("--save-models", metavar="DIR", help="also write each fold's artifact to DIR/<fold>/")
     g.add_argument("--jobs", type=int, metavar="N",
-                   help="folds at a time, on threads of this process, each with one torch thread; the numbers "
-                        "do not change, the fold times overlap; each fold keeps to --memory-budget (default: 2 on "
-                        "the CPU for data of at most 2M ratings where two cores are free to use and no "
-                        "--memory-budget is given, else 1)")
+                   help="folds at a time, on threads of this process; the numbers do not change, the fold times "
+                        "overlap; each fold keeps to --threads and --memory-budget (default: 2 on the CPU for data "
+                        "of at most 2M ratings where the process may use two cores and no --memory-budget is "
+                        "given, else 1)")
     g.add_argument("--json", action="store_true", help="print the report (one JSON object) instead of the table; "
                                                        "no progress bar")
 

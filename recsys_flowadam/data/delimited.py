@@ -8,13 +8,14 @@ dtype failures. Blank lines are not skipped, so row k of the table is line k + 1
 
 from __future__ import annotations
 
-import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
 import numpy as np
 import pandas as pd
+
+from recsys_flowadam.scoped_warnings import scoped_filter
 
 from .errors import DataError, at
 from .values import first_not_float32, fits_int64, float_problem, not_float32
@@ -61,8 +62,7 @@ def read_delimited(
     dtype = {name: (np.float32 if i % stride else object) for i, name in enumerate(names)}
     dtype.update({names[c.position * stride]: KIND_DTYPES[c.kind] for c in columns})
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("error", pd.errors.ParserWarning)
+        with scoped_filter("error", pd.errors.ParserWarning):
             frame = pd.read_csv(
             path,
             sep=sep[0],

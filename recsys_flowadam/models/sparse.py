@@ -12,18 +12,16 @@ and gradients from ``index_add_`` scatters (vectorised, still no autograd graph)
 
 from __future__ import annotations
 
-import warnings
-
 import torch
 
 from recsys_flowadam.models.coords import Coords
 from recsys_flowadam.models.factorization import ModelSpec, Objective
+from recsys_flowadam.scoped_warnings import scoped_filter
 
 
 def _csr(crow: torch.Tensor, col: torch.Tensor, values: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
     """A CSR tensor from indices we built sorted ourselves (invariants hold by construction)."""
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta")
+    with scoped_filter("ignore", message="Sparse CSR tensor support is in beta"):
         return torch.sparse_csr_tensor(crow, col, values, size=size, check_invariants=False)
 
 

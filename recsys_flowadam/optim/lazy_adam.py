@@ -93,7 +93,8 @@ class LazyAdam(torch.optim.Optimizer):
 
     def fused_step(self, closure: Callable[[], Any] | None) -> Any:
         """:meth:`step` without the hooks and profiler range torch wraps ``step`` in, for the
-        trainer's loop, which owns this optimizer (no hook can be registered on it). Kept to a few
+        trainer's loop, which owns this optimizer: torch's global step hooks
+        (``register_optimizer_step_pre_hook``) do not see it, nor a profiler its range. Kept to a few
         Python operations: on ML-100K-sized batches of 1,000 a step's kernel takes 0.2 ms, and the
         wrapper added about 10% to a step there."""
         if closure is None:

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import re
 import statistics
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, replace
@@ -37,7 +38,7 @@ from recsys_flowadam.data.splits import CANONICAL, Split
 from recsys_flowadam.train.config import DataConfig, TrainConfig
 from recsys_flowadam.train.context import parse_context, time_bin_edges, with_time_contexts
 from recsys_flowadam.train.pipeline import ARTIFACT_COMPANIONS, Fit, evaluate_ratings, fit_and_score, refit_restored
-from recsys_flowadam.train.trainer import NonFiniteLossError, torch_threads, training_device
+from recsys_flowadam.train.trainer import NonFiniteLossError, training_device
 
 # what the summary gives mean and std of
 SUMMARIZED = ("test_rmse", "test_mae", "seconds")
@@ -118,12 +119,23 @@ def fold_jobs(n_ratings: int, config: TrainConfig, n_folds: int, jobs: int | Non
     return max(1, min(kernel_pool.KERNEL_THREADS, n_folds))
 
 
+class _Dropped(Exception):
+    """A fold not started because an earlier one failed (never raised past :func:`run_folds`: the
+    failed fold's error is)."""
+
+
 def run_folds(run: Callable[[str], dict[str, Any]], folds: list[str], jobs: int,
               on_row: Callable[[dict[str, Any]], None] | None = None) -> list[dict[str, Any]]:
     """``[run(fold) for fold in folds]``, ``jobs`` folds at a time on threads; ``on_row(row)`` is
-    called for each row in the order of ``folds`` as soon as it and those before it are ready. A
-    fold's error is raised in its turn, once the folds then running have ended (a thread cannot
-    be stopped); the folds not yet started are dropped."""
+    called for each row in the order of ``folds`` as soon as it and those before it are ready.
+
+    Once a fold fails, no other fold starts; the error of the first failing fold in ``folds``
+    order is raised once the folds then running have ended (a thread cannot be stopped). An
+    interrupt (Ctrl-C) is raised at once: the folds running finish in the background, and the
+    command ends without waiting for them. Torch keeps its thread count in every fold (so a fold
+    runs as it would alone); the compiled kernels' two halves run one after the other in each
+    fold (``kernel_pool.kernel_threads(1)``: the folds fill the cores instead), which changes no
+    number (the kernels split their work in two whatever the setting)."""
     if jobs <= 1:
         rows = []
         for fold in folds:
@@ -131,20 +143,36 @@ def run_folds(run: Callable[[str], dict[str, Any]], folds: list[str], jobs: int,
             if on_row is not None:
                 on_row(rows[-1])
         return rows
-    # each fold on one core: torch and the kernels on one thread (neither changes the numbers)
-    with torch_threads(1), kernel_pool.kernel_threads(1), \
-            ThreadPoolExecutor(max_workers=jobs, thread_name_prefix="recsys-cv-fold") as pool:
-        futures = [pool.submit(run, fold) for fold in folds]
+    failed = threading.Event()
+
+    def guarded(fold: str) -> dict[str, Any]:
+        if failed.is_set():
+            raise _Dropped(fold)
         try:
+            return run(fold)
+        except BaseException:
+            failed.set()
+            raise
+
+    pool = ThreadPoolExecutor(max_workers=jobs, thread_name_prefix="recsys-cv-fold")
+    wait = True
+    try:
+        with kernel_pool.kernel_threads(1):
+            futures = [pool.submit(guarded, fold) for fold in folds]
             rows = []
             for future in futures:
+                # (folds start in this order, so a dropped fold comes after the failed one, whose
+                # error is raised first)
                 rows.append(future.result())
                 if on_row is not None:
                     on_row(rows[-1])
             return rows
-        finally:
-            for future in futures:
-                future.cancel()  # (no-op for those done or running)
+    except BaseException as exc:
+        failed.set()
+        wait = isinstance(exc, Exception)  # a fold's error: let the running folds end; an interrupt: go now
+        raise
+    finally:
+        pool.shutdown(wait=wait, cancel_futures=True)
 
 
 def load_ratings(data: DataConfig) -> tuple[Ratings, list[float] | None]:
