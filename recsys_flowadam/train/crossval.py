@@ -11,10 +11,11 @@ torch's operations release the GIL, and on small data a fold's steps are short e
 fold leaves the second core mostly idle. Each fold's numbers are the same either way (its own
 seeded generators; the kernels' split of the work does not depend on the threads); only the
 times change. Measured on the 2-core machine, two at a time against one at a time: the shipped
-ML-100K recipe's five folds (lazy-adam) in 3.3 s against 4.3 s (medians of eight alternated runs);
-``train``'s defaults on ML-100K in 27 s against 31 s; ``train``'s defaults on a generated
-0.9M-rating problem (``kfold:5``) in 126 s against 158 s, with the process's peak memory 743 MB
-against 641 MB.
+ML-100K recipe's five folds (lazy-adam) in 3.2 s against 3.9 s (medians of six alternated runs);
+``--optimizer adam`` on ML-100K's ``kfold:2`` in 15.0 s against 31.9 s; ``train``'s defaults on
+ML-100K in 27 s against 31 s and on a generated 0.9M-rating problem (``kfold:5``) in 126 s
+against 158 s, with the process's peak memory 743 MB against 641 MB (these two with one torch
+thread per fold, an earlier version).
 """
 
 from __future__ import annotations
