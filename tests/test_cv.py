@@ -244,6 +244,17 @@ def test_folds_at_once_give_the_numbers_of_one_at_a_time(tmp_path, capsys, optim
     assert [line.split()[0] for line in out[2:5]] == ["kfold:3:1", "kfold:3:2", "kfold:3:3"]
 
 
+def test_folds_at_once_save_each_fold_s_artifact(tmp_path, capsys):
+    from recsys_flowadam.artifact import load_artifact
+
+    report = _run_json(capsys, ["cv", *SYN, "--optimizer", "adam", "--folds", "kfold:3", "--jobs", "3",
+                                "--save-models", str(tmp_path / "m"), "--out", str(tmp_path / "r.json"), "--json"])
+    assert report["jobs"] == 3
+    for row in report["per_fold"]:
+        artifact = load_artifact(Path(row["artifact"]))
+        assert artifact.meta.dataset.split == row["fold"] and artifact.meta.metrics["test_rmse"] == row["test_rmse"]
+
+
 def test_run_folds_runs_them_at_once_and_reports_in_order():
     import threading
     import time
@@ -335,12 +346,17 @@ def test_fold_jobs_chooses_by_device_size_and_cores(monkeypatch):
 
     cpu = TrainConfig(device="cpu")
     monkeypatch.setattr(kernel_pool, "KERNEL_THREADS", 2)
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 2)  # (torch's default here: one a core)
     assert fold_jobs(100_000, cpu, 5) == 2
     assert fold_jobs(100_000, cpu, 1) == 1
     assert fold_jobs(CONCURRENT_FOLDS_MAX_RATINGS, cpu, 5) == 2
     assert fold_jobs(CONCURRENT_FOLDS_MAX_RATINGS + 1, cpu, 5) == 1  # a fold's kernels use both cores
     assert fold_jobs(10**8, cpu, 5, jobs=3) == 3 and fold_jobs(100, cpu, 2, jobs=4) == 2  # as asked, <= folds
     assert fold_jobs(100_000, TrainConfig(device="cpu", memory_budget_gb=2.0), 5) == 1  # a budget is per fold
+    for n, jobs in ((1, 2), (3, 1), (16, 1)):  # torch on more than two threads: one fold at a time
+        monkeypatch.setattr(torch, "get_num_threads", lambda n=n: n)
+        assert fold_jobs(100_000, cpu, 5) == jobs
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 2)
     with pytest.raises(ValueError, match="at least 1"):
         fold_jobs(100, cpu, 5, jobs=0)
     monkeypatch.setattr(kernel_pool, "KERNEL_THREADS", 1)  # one core to use (or asked for one)

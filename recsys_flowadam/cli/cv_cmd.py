@@ -45,8 +45,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--jobs", type=int, metavar="N",
                    help="folds at a time, on threads of this process; the numbers do not change, the fold times "
                         "overlap; each fold keeps to --threads and --memory-budget (default: 2 on the CPU for data "
-                        "of at most 2M ratings where the process may use two cores and no --memory-budget is "
-                        "given, else 1)")
+                        "of at most 2M ratings where the process may use two cores, torch runs on at most two "
+                        "threads and no --memory-budget is given, else 1)")
     g.add_argument("--json", action="store_true", help="print the report (one JSON object) instead of the table; "
                                                        "no progress bar")
 

@@ -108,14 +108,17 @@ def warm_up(config: TrainConfig) -> float:
 def fold_jobs(n_ratings: int, config: TrainConfig, n_folds: int, jobs: int | None = None) -> int:
     """How many folds run at a time: ``jobs`` where given (at most the folds), else two on the CPU
     for data of at most ``CONCURRENT_FOLDS_MAX_RATINGS`` ratings where the process may use two cores
-    (``kernel_pool.KERNEL_THREADS``), else one. One, too, when a memory budget is given: each fold
-    keeps to it, so two at once could take twice what was asked. Raises ValueError for ``jobs`` < 1."""
+    (``kernel_pool.KERNEL_THREADS``) and torch runs on at most two threads (``--threads``; its
+    default is one a core: on a larger machine a fold's full-batch steps fill its cores already, and
+    two folds were only measured on two cores), else one. One, too, when a memory budget is given:
+    each fold keeps to it, so two at once could take twice what was asked. Raises ValueError for
+    ``jobs`` < 1."""
     if jobs is not None:
         if jobs < 1:
             raise ValueError(f"jobs must be at least 1, got {jobs}")
         return max(1, min(jobs, n_folds))
     if (n_ratings > CONCURRENT_FOLDS_MAX_RATINGS or config.memory_budget_gb is not None
-            or training_device(config).type != "cpu"):
+            or torch.get_num_threads() > 2 or training_device(config).type != "cpu"):
         return 1
     return max(1, min(kernel_pool.KERNEL_THREADS, n_folds))
 
