@@ -129,6 +129,7 @@ def _run(args: argparse.Namespace, config: TrainConfig, data: DataConfig, folds:
     if distributed.launched_distributed():
         raise CLIError("cv runs in one process; start it without torchrun (WORLD_SIZE > 1 is set)")
     save_models = Path(args.save_models) if args.save_models else None
+
     def print_head(jobs: int) -> None:
         at_once = f" ({jobs} at a time)" if jobs > 1 else ""
         print(f"{data.dataset}: {config.model} + {config.optimizer}, seed {config.seed}, {len(folds)} folds{at_once}",

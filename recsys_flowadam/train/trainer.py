@@ -100,44 +100,31 @@ class PendingLosses:
     """The training losses of the steps since they were last read, kept on the device.
 
     Reading a loss to the host (``float(loss)``) makes the host wait for the device every
-    step; instead each step's loss is copied into a device buffer and the buffer is read in
-    one transfer at history records, checkpoints and the end of the run (or when it holds
-    ``capacity`` losses). The values are the losses exactly (float32 -> float64 is exact), so
-    the recorded mean training loss is the same sum, in the same order, as a per-step read.
+    step; instead each step's loss is kept as a copy on its device and the copies are read in
+    one transfer at history records, checkpoints and the end of the run (or when ``capacity``
+    are kept). The values are the losses exactly (float32 -> float64 is exact), so the recorded
+    mean training loss is the same sum, in the same order, as a per-step read. A loss that comes
+    as a float (lazy-adam's fused step returns one) is kept as it is: writing it into a tensor
+    cost a tenth of an ML-100K step.
     """
 
     def __init__(self, first_step: int, capacity: int = 1024) -> None:
         self.first_step, self.capacity = first_step, capacity
-        self._buffer: torch.Tensor | None = None
-        self._floats: list[float] = []  # losses that came as floats while no tensor had (kept as they are)
-        self._count = 0
+        self._losses: list[torch.Tensor | float] = []
 
     def add(self, loss: torch.Tensor | float) -> bool:
-        """Keep one step's loss; True when the buffer is full (read it now). A float (lazy-adam's
-        fused step returns one) goes to a list: writing it into a tensor cost a tenth of an
-        ML-100K step."""
-        if isinstance(loss, torch.Tensor):
-            if self._buffer is None:
-                self._buffer = torch.empty(self.capacity, dtype=torch.float64, device=loss.device)
-            if self._floats:  # (a run gives one kind; should it mix them, the order is kept)
-                self._buffer[:len(self._floats)] = torch.tensor(self._floats, dtype=torch.float64)
-                self._floats = []
-            self._buffer[self._count] = loss.detach()
-        elif self._count > len(self._floats):  # the steps before it went to the buffer
-            self._buffer[self._count] = float(loss)  # type: ignore[index]
-        else:
-            self._floats.append(float(loss))
-        self._count += 1
-        return self._count == self.capacity
+        """Keep one step's loss; True when ``capacity`` are kept (read them now)."""
+        self._losses.append(loss.detach().clone() if isinstance(loss, torch.Tensor) else float(loss))
+        return len(self._losses) == self.capacity
 
     def read(self) -> tuple[int, list[float]]:
         """``(first step, losses)`` of the steps kept so far (one device -> host transfer); empties."""
-        first = self.first_step
-        kept_as_floats = self._count == len(self._floats) or self._buffer is None
-        values = self._floats if kept_as_floats else self._buffer[:self._count].tolist()  # type: ignore[index]
-        self._floats = []
-        self.first_step += self._count
-        self._count = 0
+        first, kept = self.first_step, self._losses
+        tensors = [v for v in kept if isinstance(v, torch.Tensor)]
+        read = iter(torch.stack(tensors).double().tolist() if tensors else [])
+        values = [next(read) if isinstance(v, torch.Tensor) else v for v in kept]
+        self.first_step += len(kept)
+        self._losses = []
         return first, values
 
 
